@@ -1,0 +1,1 @@
+"""Python config presets: each file exposes `get_config(arg: str | None) -> ml_collections.ConfigDict`."""

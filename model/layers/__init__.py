@@ -1,0 +1,1 @@
+"""Transformer building blocks: norms, positions, attention, MLP. Each is an NNX module or pure function."""

@@ -1,0 +1,107 @@
+"""Architecture config of the decoder-only transformer.
+
+`ModelConfig` is a frozen dataclass so model code gets typed, validated fields; presets in
+`configs/` build it from the `model` subtree of the run config with `ModelConfig.from_dict`.
+Nothing here knows about devices or meshes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
+NORMS = ("rmsnorm", "layernorm")
+NORM_PLACEMENTS = ("pre", "post")
+POSITIONS = ("rope", "alibi", "learned", "sinusoidal", "none")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
+REMAT_POLICIES = ("none", "full", "save_dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 4096
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 4  # == n_heads: MHA; 1: MQA; in between: GQA.
+  head_dim: int = 0  # 0: d_model // n_heads.
+  d_ff: int = 0  # 0: 4*d_model (gelu/relu) or 8/3*d_model rounded to 64 (gated), same params.
+  activation: str = "swiglu"
+  norm: str = "rmsnorm"
+  norm_placement: str = "pre"
+  norm_eps: float = 1e-5
+  use_bias: bool = False
+  qk_norm: bool = False
+  positions: str = "rope"
+  rope_theta: float = 10_000.0
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0  # context extension factor for linear / llama3 / yarn.
+  rope_original_max_len: int = 8192  # pre-extension context length (llama3, yarn).
+  rope_low_freq_factor: float = 1.0  # llama3.
+  rope_high_freq_factor: float = 4.0  # llama3.
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
+  max_seq_len: int = 2048  # learned/sinusoidal table size, and the bound checked against data.seq_len.
+  sliding_window: int = 0  # 0: full causal attention; w: each query sees the last w keys (itself included).
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+  init_std: float = 0.02
+  scaled_residual_init: bool = True  # output projections get std / sqrt(2 * n_layers) (GPT-2).
+  scan_layers: bool = True
+  remat: str = "none"
+  attention: str = "xla"  # registered name in model.layers.attention.
+  param_dtype: str = "float32"
+  compute_dtype: str = "bfloat16"
+  logits_dtype: str = "float32"
+
+  def __post_init__(self):
+    def check(ok: bool, msg: str):
+      if not ok:
+        raise ValueError(f"model config: {msg}")
+
+    check(self.activation in ACTIVATIONS, f"activation={self.activation!r} not in {ACTIVATIONS}")
+    check(self.norm in NORMS, f"norm={self.norm!r} not in {NORMS}")
+    check(self.norm_placement in NORM_PLACEMENTS, f"norm_placement={self.norm_placement!r} not in {NORM_PLACEMENTS}")
+    check(self.positions in POSITIONS, f"positions={self.positions!r} not in {POSITIONS}")
+    check(self.rope_scaling in ROPE_SCALINGS, f"rope_scaling={self.rope_scaling!r} not in {ROPE_SCALINGS}")
+    check(self.remat in REMAT_POLICIES, f"remat={self.remat!r} not in {REMAT_POLICIES}")
+    for name in ("param_dtype", "compute_dtype", "logits_dtype"):
+      check(getattr(self, name) in DTYPES, f"{name}={getattr(self, name)!r} not in {DTYPES}")
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+      check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+    check(self.n_heads % self.n_kv_heads == 0,
+          f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+    check(self.head_dim > 0 or self.d_model % self.n_heads == 0,
+          f"d_model={self.d_model} not divisible by n_heads={self.n_heads}; set head_dim")
+    check(self.positions != "rope" or self.hd % 2 == 0, f"rope needs an even head_dim, got {self.hd}")
+    check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+    check(self.sliding_window >= 0, f"sliding_window must be >= 0, got {self.sliding_window}")
+
+  @property
+  def hd(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def ff(self) -> int:
+    if self.d_ff:
+      return self.d_ff
+    if self.activation in ("swiglu", "geglu"):
+      # 2/3 of 4*d keeps params equal to a 4*d non-gated MLP (LLaMA); round up to 64 for MXU tiles.
+      return 64 * -(-int(8 * self.d_model / 3) // 64)
+    return 4 * self.d_model
+
+  @property
+  def gated(self) -> bool:
+    return self.activation in ("swiglu", "geglu")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"model config: unknown keys {unknown}")
+    return cls(**dict(d))
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)

@@ -1,0 +1,125 @@
+"""Multi-head attention (MHA/GQA/MQA) with one kernel interface chosen by registered name.
+
+A kernel is `fn(q, k, v, *, mask, bias) -> out` with q [B, T, N, H], k/v [B, S, K, H] (N % K == 0, K/V
+never repeated in memory), boolean mask [B, 1, T, S] (True = attend) and an optional additive fp32 bias
+[B, N, T, S]. `xla` is the reference (`jax.nn.dot_product_attention`, fp32 logits and softmax). Pallas
+kernels register themselves under their own names in `model/kernels/` (a later issue) and are picked with
+`model.attention=<name>`.
+
+The mask is built from positions and segment ids, not from array indices, so the same code serves
+packed training rows (segment ids isolate documents, positions restart at 0) and KV-cache decoding
+(the cache slot of a token is its position).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.axes import constrain, param
+from model.config import ModelConfig
+from model.layers.norm import Norm
+from model.layers.positions import alibi_bias, apply_rope
+
+AttentionFn = Callable[..., jax.Array]
+ATTENTION: dict[str, AttentionFn] = {}
+
+
+def register_attention(name: str):
+  def deco(fn: AttentionFn) -> AttentionFn:
+    ATTENTION[name] = fn
+    return fn
+  return deco
+
+
+def get_attention(name: str) -> AttentionFn:
+  if name not in ATTENTION:
+    raise ValueError(f"model.attention={name!r} is not registered; known: {sorted(ATTENTION)}")
+  return ATTENTION[name]
+
+
+@register_attention("xla")
+def xla_attention(q, k, v, *, mask, bias=None):
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="xla")
+
+
+def make_mask(q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None, *,
+              sliding_window: int = 0) -> jax.Array:
+  """[B, 1, T, S] causal (by position) ∧ same segment ∧ inside the sliding window."""
+  qp, kp = q_positions[:, :, None], kv_positions[:, None, :]
+  mask = kp <= qp
+  if sliding_window:
+    mask &= kp > qp - sliding_window  # window w: the query and the w-1 keys before it.
+  if q_segment_ids is not None:
+    mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  return mask[:, None]
+
+
+def _dense_init(std: float):
+  # Truncated at ±2σ like T5/MaxText, so no outlier weights at init.
+  return jax.nn.initializers.truncated_normal(stddev=std)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd
+    pdt = jnp.dtype(cfg.param_dtype)
+    out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5 if cfg.scaled_residual_init else cfg.init_std
+    self.wq = param(_dense_init(cfg.init_std), rngs.params(), (d, n, h), ("embed", "q_heads", "head_dim"), pdt)
+    self.wk = param(_dense_init(cfg.init_std), rngs.params(), (d, k, h), ("embed", "kv_heads", "head_dim"), pdt)
+    self.wv = param(_dense_init(cfg.init_std), rngs.params(), (d, k, h), ("embed", "kv_heads", "head_dim"), pdt)
+    self.wo = param(_dense_init(out_std), rngs.params(), (n, h, d), ("q_heads", "head_dim", "embed"), pdt)
+    zeros = jax.nn.initializers.zeros
+    if cfg.use_bias:
+      self.bq = param(zeros, rngs.params(), (n, h), ("q_heads", "head_dim"), pdt)
+      self.bk = param(zeros, rngs.params(), (k, h), ("kv_heads", "head_dim"), pdt)
+      self.bv = param(zeros, rngs.params(), (k, h), ("kv_heads", "head_dim"), pdt)
+      self.bo = param(zeros, rngs.params(), (d,), ("embed",), pdt)
+    if cfg.qk_norm:
+      norm = dict(kind=cfg.norm, eps=cfg.norm_eps, axis_name="head_dim", param_dtype=pdt, rngs=rngs)
+      self.q_norm = Norm(h, **norm)
+      self.k_norm = Norm(h, **norm)
+
+  def _w(self, name: str, dtype):
+    return getattr(self, name).get_value().astype(dtype)
+
+  def __call__(self, x, *, positions, segment_ids=None, cache=None):
+    """x [B, T, D] → ([B, T, D], cache). `cache` = dict(k, v) [B, S, K, H], written at `positions`."""
+    cfg = self.cfg
+    dt = x.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, self._w("wq", dt))
+    k = jnp.einsum("btd,dkh->btkh", x, self._w("wk", dt))
+    v = jnp.einsum("btd,dkh->btkh", x, self._w("wv", dt))
+    if cfg.use_bias:
+      q, k, v = q + self._w("bq", dt), k + self._w("bk", dt), v + self._w("bv", dt)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if cfg.positions == "rope":
+      q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
+    q = constrain(q, ("batch", "length", "heads", None))
+    k = constrain(k, ("batch", "length", "heads", None))
+    v = constrain(v, ("batch", "length", "heads", None))
+
+    if cache is None:
+      kv_positions, q_seg, kv_seg = positions, segment_ids, segment_ids
+    else:
+      rows = jnp.arange(x.shape[0])[:, None]
+      k = cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop")
+      v = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop")
+      cache = dict(k=k, v=v)
+      k, v = k.astype(dt), v.astype(dt)
+      # Slot s holds position s; slots past the query position are unwritten and masked out.
+      kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), (x.shape[0], k.shape[1]))
+      q_seg = kv_seg = None
+    mask = make_mask(positions, kv_positions, q_seg, kv_seg, sliding_window=cfg.sliding_window)
+    bias = alibi_bias(positions, kv_positions, cfg.n_heads) if cfg.positions == "alibi" else None
+    out = get_attention(cfg.attention)(q, k, v, mask=mask, bias=bias)
+    out = constrain(out, ("batch", "length", "heads", None))
+    y = jnp.einsum("btnh,nhd->btd", out, self._w("wo", dt))
+    if cfg.use_bias:
+      y = y + self._w("bo", dt)
+    return y, cache

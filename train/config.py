@@ -1,0 +1,160 @@
+"""Loading a run config: `--config=configs/<file>.py:<args>` plus `--config.a.b=value` overrides.
+
+The preset's `get_config(arg)` returns an `ml_collections.ConfigDict`; it is locked, so a typo'd key
+or a value of the wrong type is a `ConfigError` naming the key (one line, no traceback at the CLI).
+`resolve` then computes every derived value in one place (vocab size from the tokenizer, head_dim, the
+run directory).
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+import sys
+from typing import Any, Sequence
+
+from ml_collections import ConfigDict, config_dict
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "configs/lm.py:tiny"
+
+
+class ConfigError(ValueError):
+  """Bad --config argument: unknown key, wrong type, unreadable preset file."""
+
+
+def load_preset(spec: str) -> ConfigDict:
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file() and not file.is_absolute() and (REPO / file).is_file():
+    file = REPO / file  # so `python -m train` works from any directory.
+  if not file.is_file():
+    raise ConfigError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config(arg)")
+  try:
+    cfg = module.get_config(arg or None)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  cfg.lock()
+  return cfg
+
+
+def _parse_value(text: str, current: Any) -> Any:
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected a bool, got {text!r}")
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # let the type check below name the mismatch.
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(current, tuple) and isinstance(value, list):
+    return tuple(value)
+  return value
+
+
+def apply_override(cfg: ConfigDict, key: str, text: str) -> None:
+  parts = key.split(".")
+  node = cfg
+  for i, part in enumerate(parts[:-1]):
+    if not isinstance(node, ConfigDict) or part not in node:
+      raise ConfigError(f"unknown config key: {'.'.join(parts[:i + 1])} (in --config.{key})")
+    node = node[part]
+  leaf = parts[-1]
+  if not isinstance(node, ConfigDict) or leaf not in node:
+    known = ", ".join(sorted(node.keys())) if isinstance(node, ConfigDict) else ""
+    raise ConfigError(f"unknown config key: {key}" + (f" (known here: {known})" if known else ""))
+  current = node[leaf]
+  if isinstance(current, ConfigDict):
+    raise ConfigError(f"config key {key} is a section, not a value")
+  ref_type = node.get_type(leaf) if hasattr(node, "get_type") else type(current)
+  try:
+    value = _parse_value(text, current if current is not None else ref_type())
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"bad value for config key {key}: {text!r} ({e})") from None
+
+
+def parse_args(argv: Sequence[str], default: str = DEFAULT_CONFIG) -> tuple[ConfigDict, list[str]]:
+  """Returns the config and the arguments that are not `--config*` (for the stage's own flags)."""
+  spec, overrides, rest = default, [], []
+  for arg in argv:
+    if arg.startswith("--config="):
+      spec = arg.split("=", 1)[1]
+    elif arg.startswith("--config."):
+      key, sep, value = arg[len("--config."):].partition("=")
+      if not sep:
+        raise ConfigError(f"override needs a value: {arg} (write --config.{key}=VALUE)")
+      overrides.append((key, value))
+    else:
+      rest.append(arg)
+  cfg = load_preset(spec)
+  for key, value in overrides:
+    apply_override(cfg, key, value)
+  return cfg, rest
+
+
+def run_dir(cfg: ConfigDict) -> pathlib.Path:
+  return pathlib.Path(cfg.run.dir or f"runs/{cfg.run.name}")
+
+
+def resolve(cfg: ConfigDict, tokenizer_vocab: int | None = None) -> ConfigDict:
+  """Fills derived values in place. The only place they are computed."""
+  with cfg.unlocked():
+    if tokenizer_vocab is not None:
+      if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = -(-tokenizer_vocab // 128) * 128  # multiple of 128: lane-aligned logits.
+      elif cfg.model.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer_vocab})")
+    if cfg.model.head_dim == 0:
+      cfg.model.head_dim = cfg.model.d_model // cfg.model.n_heads
+    if not cfg.run.dir:
+      cfg.run.dir = str(run_dir(cfg))
+  if cfg.data.seq_len > cfg.model.max_seq_len:
+    raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+  if cfg.train.batch_size % cfg.train.grad_accum:
+    raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                      f"train.grad_accum={cfg.train.grad_accum}")
+  return cfg
+
+
+def model_config(cfg: ConfigDict):
+  from model.config import ModelConfig
+  d = dict(cfg.model.to_dict())
+  d["remat"] = cfg.train.remat
+  try:
+    return ModelConfig.from_dict(d)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def to_json_dict(cfg: ConfigDict) -> dict:
+  def conv(x):
+    if isinstance(x, dict):
+      return {k: conv(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+      return [conv(v) for v in x]
+    return x
+  return conv(cfg.to_dict())
+
+
+def main_guard(fn):
+  """Runs `fn()`, turning ConfigError and data errors into one line on stderr and exit code 2."""
+  from data.errors import DataError
+  try:
+    return fn()
+  except (ConfigError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

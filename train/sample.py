@@ -1,0 +1,144 @@
+"""KV-cache sampler: generate text from a checkpoint.
+
+    python -m train.sample --checkpoint=runs/tiny --prompt="def " --max_new_tokens=100 \
+        --temperature=0.8 --top_k=50 --top_p=0.95 --seed=0
+
+`--checkpoint` is a run directory (latest step) or one step directory. Prompts of different lengths
+are batched: the prompt is prefilled into the cache in one call, then one token per step is decoded
+inside a `lax.while_loop`, which exits as soon as every row has emitted EOS. Good enough for
+evaluation and alignment rollouts; the paged, continuously batched engine lives in `serve/`.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Masks logits [B, V] outside the top-k and outside the smallest set with mass ≥ top_p."""
+  neg = jnp.finfo(logits.dtype).min
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if 0.0 < top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # A token is kept if the mass strictly before it is < top_p (so the first token always is).
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  return logits
+
+
+def sample_token(logits, key, temperature: float, top_k: int, top_p: float):
+  if temperature <= 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
+                                             "top_p", "eos_id", "cache_len"))
+def _generate(params, prompts, lengths, key, *, graphdef, max_new_tokens, temperature, top_k, top_p,
+              eos_id, cache_len):
+  from flax import nnx
+  model = nnx.merge(graphdef, params)
+  batch, plen = prompts.shape
+  cache = model.init_cache(batch, cache_len)
+  positions = jnp.broadcast_to(jnp.arange(plen), (batch, plen))
+  logits, cache = model.decode(prompts, positions=positions, cache=cache)
+  last = logits[jnp.arange(batch), lengths - 1]
+  key, sub = jax.random.split(key)
+  token = sample_token(last, sub, temperature, top_k, top_p)
+  out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
+  done = token == eos_id
+
+  def cond(carry):
+    t, _, _, _, done, _ = carry
+    return (t < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    t, token, cache, out, done, key = carry
+    pos = (lengths + t - 1)[:, None]
+    logits, cache = model.decode(token[:, None], positions=pos, cache=cache)
+    key, sub = jax.random.split(key)
+    nxt = sample_token(logits[:, 0], sub, temperature, top_k, top_p)
+    nxt = jnp.where(done, eos_id, nxt)
+    out = out.at[:, t].set(nxt)
+    return t + 1, nxt, cache, out, done | (nxt == eos_id), key
+
+  _, _, _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, out, done, key))
+  return out
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
+             temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+  """Completes each prompt; returns the generated text only (prompt excluded, stops at EOS)."""
+  from flax import nnx
+  encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+  lengths = np.array([len(e) for e in encoded], np.int32)
+  plen = int(lengths.max())
+  cache_len = plen + max_new_tokens
+  if cache_len > model.cfg.max_seq_len:
+    raise ValueError(f"prompt ({plen} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                     f"context ({model.cfg.max_seq_len})")
+  padded = np.full((len(prompts), plen), tokenizer.pad_id, np.int32)
+  for i, e in enumerate(encoded):
+    padded[i, :len(e)] = e
+  graphdef, params = nnx.split(model, nnx.Param)
+  ids = _generate(nnx.to_pure_dict(params), jnp.asarray(padded), jnp.asarray(lengths),
+                  jax.random.PRNGKey(seed), graphdef=graphdef, max_new_tokens=max_new_tokens,
+                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                  eos_id=tokenizer.eos_id, cache_len=cache_len)
+  texts = []
+  for row in np.asarray(ids):
+    row = list(row)
+    if tokenizer.eos_id in row:
+      row = row[:row.index(tokenizer.eos_id)]
+    texts.append(tokenizer.decode(row))
+  return texts
+
+
+def load_for_inference(path):
+  """(model, tokenizer, meta) from a run or step directory; the tokenizer travels in the checkpoint."""
+  from data.tokenizer import Tokenizer
+  from model.load import load_model
+  from train.checkpoint import tokenizer_bytes_from_meta
+  model, meta = load_model(path)
+  tokenizer = Tokenizer.from_bytes(tokenizer_bytes_from_meta(meta))
+  if tokenizer.vocab_size > model.cfg.vocab_size:
+    raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's "
+                     f"({model.cfg.vocab_size}) in {path}")
+  return model, tokenizer, meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.split("\n")[0])
+  parser.add_argument("--checkpoint", required=True, help="run directory or checkpoint step directory")
+  parser.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+  parser.add_argument("--max_new_tokens", type=int, default=128)
+  parser.add_argument("--temperature", type=float, default=0.8)
+  parser.add_argument("--top_k", type=int, default=50)
+  parser.add_argument("--top_p", type=float, default=0.95)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  try:
+    model, tokenizer, _ = load_for_inference(args.checkpoint)
+    texts = generate(model, tokenizer, args.prompt or [""], max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for prompt, text in zip(args.prompt or [""], texts):
+    print(f"=== {prompt!r}\n{prompt}{text}\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
