@@ -144,6 +144,9 @@ def run(cfg: ConfigDict) -> dict:
                      num_batches=cfg.train.eval_batches, process_index=jax.process_index(),
                      process_count=n_proc)
   eval_fn = make_eval_step(setup, batch_shape) if val else None
+  if not val and is_main:
+    print("warning: the validation split is empty (too few documents for data.val_fraction="
+          f"{cfg.data.val_fraction}); no val_loss will be reported", file=sys.stderr)
   token_bytes = jax.device_put(np.pad(tokenizer.token_bytes(), (0, model_cfg.vocab_size - tokenizer.vocab_size)),
                                setup.replicated)
 
@@ -175,10 +178,13 @@ def run(cfg: ConfigDict) -> dict:
       state, metrics = step_fn(state, batch)
       step += 1
       bar.update(1)
+      if step == start + 1:  # keep compilation out of the throughput figures.
+        jax.block_until_ready(metrics)
+        last_time, last_step = time.time(), step
       if step % cfg.train.log_every == 0 or step == cfg.train.steps:
         m = jax.device_get(metrics)
         now = time.time()
-        dt = (now - last_time) / max(step - last_step, 1)
+        dt = (now - last_time) / max(step - last_step, 1) if step > last_step else float("nan")
         tps = global_batch * seq_len / dt
         row = dict(step=step, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m["lr"]),
                    tokens_seen=step * global_batch * seq_len, tokens_per_s=tps, step_time_s=dt,
@@ -209,10 +215,9 @@ def run(cfg: ConfigDict) -> dict:
     samples = []
     if cfg.sample.prompts and cfg.sample.max_new_tokens:
       model = setup.model(state["params"])
-      with mesh:
-        texts = generate(model, tokenizer, list(cfg.sample.prompts), max_new_tokens=cfg.sample.max_new_tokens,
-                         temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
-                         seed=cfg.run.seed)
+      texts = generate(model, tokenizer, list(cfg.sample.prompts), max_new_tokens=cfg.sample.max_new_tokens,
+                       temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
+                       seed=cfg.run.seed)
       samples = list(zip(cfg.sample.prompts, texts))
     report = write_report(run_dir, samples=samples, summary=summary)
     print(f"done: {report}", file=sys.stderr)

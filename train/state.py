@@ -84,5 +84,4 @@ def init_state(setup: Setup, seed: int) -> dict:
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return dict(params=params, opt_state=setup.tx.init(params), step=jnp.zeros((), jnp.int32), rng=rng)
 
-  with jax.sharding.use_mesh(setup.mesh) if hasattr(jax.sharding, "use_mesh") else setup.mesh:
-    return jax.jit(init, out_shardings=setup.state_shardings)(jax.random.PRNGKey(seed))
+  return jax.jit(init, out_shardings=setup.state_shardings)(jax.random.PRNGKey(seed))

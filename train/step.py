@@ -66,7 +66,7 @@ def make_train_step(setup: Setup, cfg: ConfigDict, batch_shape: tuple[int, int])
     grads = jax.tree.map(lambda g: g / n, grads)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(loss=ce / n, grad_norm=optax.global_norm(grads), lr=setup.schedule(state["step"]),
+    metrics = dict(loss=ce / n, grad_norm=optax.tree.norm(grads), lr=setup.schedule(state["step"]),
                    tokens=n, nonfinite=opt_state.notfinite_count, nonfinite_total=opt_state.total_notfinite)
     new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
     return new_state, metrics
