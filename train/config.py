@@ -151,10 +151,13 @@ def to_json_dict(cfg: ConfigDict) -> dict:
 
 
 def main_guard(fn):
-  """Runs `fn()`, turning ConfigError and data errors into one line on stderr and exit code 2."""
+  """Runs `fn()`: config and data errors become one line on stderr and exit 2; diverged training exits 1."""
   from data.errors import DataError
   try:
     return fn()
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except FloatingPointError as e:  # the non-finite-gradient guard gave up: checkpoints so far are intact.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)

@@ -172,10 +172,12 @@ def run(cfg: ConfigDict) -> dict:
   last_time, last_step, pending = time.time(), start, None
   step = start
   last_loss = None
+  interval_losses = []  # device scalars: averaged at each log, so a row is not one noisy batch.
   try:
     while step < cfg.train.steps:
       batch = _global_batch(next(data_iter), batch_sh)
       state, metrics = step_fn(state, batch)
+      interval_losses.append(metrics["loss"])
       step += 1
       bar.update(1)
       if step == start + 1:  # keep compilation out of the throughput figures.
@@ -183,10 +185,13 @@ def run(cfg: ConfigDict) -> dict:
         last_time, last_step = time.time(), step
       if step % cfg.train.log_every == 0 or step == cfg.train.steps:
         m = jax.device_get(metrics)
+        interval_loss = float(np.mean(jax.device_get(interval_losses)))
+        interval_losses.clear()
         now = time.time()
         dt = (now - last_time) / max(step - last_step, 1) if step > last_step else float("nan")
         tps = global_batch * seq_len / dt
-        row = dict(step=step, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m["lr"]),
+        row = dict(step=step, loss=interval_loss, last_loss=float(m["loss"]),
+                   grad_norm=float(m["grad_norm"]), lr=float(m["lr"]),
                    tokens_seen=step * global_batch * seq_len, tokens_per_s=tps, step_time_s=dt,
                    achieved_tflops=tps * fpt / 1e12, mfu=flops_lib.mfu(tps, fpt, len(jax.devices()), peak),
                    skipped_steps=int(m["nonfinite_total"]))

@@ -1,7 +1,8 @@
 """Metric sinks of a run: `metrics.jsonl` (one JSON object per logged step), TensorBoard events, progress bar.
 
 Rows carry at least `step, loss, grad_norm, lr, tokens_seen, tokens_per_s, step_time_s, mfu`; eval rows
-add `val_loss, val_bpb`. A resumed run appends to the same file, dropping rows past the restored step
+add `val_loss, val_bpb`. `loss` is the mean over the steps since the previous row (`last_loss`: that step's
+alone); `grad_norm` and `lr` are the logged step's. A resumed run appends to the same file, dropping rows past the restored step
 so the file never holds two histories.
 """
 from __future__ import annotations
