@@ -10,7 +10,7 @@ are TinyLlama-1.1B, Llama-2-7B and Llama-2-70B and match their published counts 
 
 | preset | d_model | layers | heads (kv) | d_ff  | vocab  | params         | expected result |
 |--------|---------|--------|------------|-------|--------|----------------|-----------------|
-| tiny   | 256     | 4      | 4 (4)      | 704   | 4096   | 4.26M (tied)   | stdlib corpus, 400 steps on CPU (README) |
+| tiny   | 256     | 4      | 4 (4)      | 704   | 4096   | 4.26M (tied)   | stdlib corpus, 600 steps, ~7 min on 2 CPU cores |
 | 125m   | 768     | 12     | 12 (12)    | 2048  | 32000  | 109.5M (tied)  | GPT-3 Small shape |
 | 350m   | 1024    | 24     | 16 (16)    | 2816  | 32000  | 341.1M (tied)  | GPT-3 Medium shape, SwiGLU |
 | 1b     | 2048    | 22     | 32 (4)     | 5632  | 32000  | 1,100,048,384  | TinyLlama-1.1B |
@@ -102,14 +102,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.vocab_size = vocab
 
   if size == "tiny":
-    # CPU: bf16 matmuls are emulated on x86 and ~3x slower than fp32, so compute in fp32 here.
-    c.model.compute_dtype = "float32"
     c.data.seq_len = 256
     c.data.tokenizer_sample_chars = 5_000_000
-    # ~1,750 tokens/s on 2 CPU cores (README): 400 steps x 8 x 256 tokens ≈ 6-8 min of training.
-    c.train.update(dict(steps=400, batch_size=8, log_every=10, eval_every=100, eval_batches=4))
+    # ~3,200 tokens/s on 2 CPU cores (README): 600 steps x 8 x 256 tokens ≈ 7 min of training.
+    c.train.update(dict(steps=600, batch_size=8, log_every=10, eval_every=200, eval_batches=4))
     c.optim.update(dict(peak_lr=2e-3, warmup_steps=30, weight_decay=0.1))
-    c.checkpoint.every = 100
+    c.checkpoint.every = 200
   else:
     c.data.seq_len = 2048
     c.model.max_seq_len = 4096 if size in ("1b", "7b", "70b") else 2048
@@ -124,7 +122,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.run.name = f"{size}-smoke"
     ratio = max(1, heads // kv)
     c.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=max(1, 4 // ratio), d_ff=0,
-                        vocab_size=0, max_seq_len=256, compute_dtype="float32"))
+                        vocab_size=0, max_seq_len=256,
+                        compute_dtype="float32"))  # tests compare meshes and resumes at fp32 tolerances.
     c.data.update(dict(seq_len=64, vocab_size=512, tokenizer_sample_chars=1_000_000))
     c.train.update(dict(steps=20, batch_size=8, log_every=5, eval_every=10, eval_batches=2, remat="none"))
     c.optim.update(dict(peak_lr=3e-3, warmup_steps=5))

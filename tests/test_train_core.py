@@ -224,3 +224,18 @@ def test_top_k_and_top_p_filters():
   assert (p[0, :3] > -1e30).all() and (p[0, 3:] < -1e30).all()
   p = np.asarray(filter_logits(logits, 0, 0.3))  # the top token alone has mass ≥ 0.3
   assert (p[0, :1] > -1e30).all() and (p[0, 1:] < -1e30).all()
+
+
+def test_eval_step_loss_equals_train_step_loss_on_the_same_batch():
+  from train.step import make_eval_step
+  cfg, _ = parse_args(["--config=configs/lm.py:tiny,smoke"])
+  cfg.mesh.data = 2
+  resolve(cfg, 500)
+  setup = make_setup(cfg, model_config(cfg), sharding.make_mesh(cfg.mesh, jax.devices()[:2]))
+  state = init_state(setup, 0)
+  batch = _batch(8, 32, 500, 3)
+  token_bytes = jnp.ones((setup.model_cfg.vocab_size,), jnp.int32)
+  ce, nbytes, n = make_eval_step(setup, (8, 32))(state["params"], batch, token_bytes)
+  _, m = make_train_step(setup, cfg, (8, 32))(state, batch)
+  assert float(ce / n) == pytest.approx(float(m["loss"]), rel=1e-5)
+  assert float(nbytes) == float(n) == batch["loss_mask"].sum()
