@@ -54,7 +54,7 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
 
 
 def load_model(path: str | pathlib.Path, *, shardings=None) -> tuple[Transformer, dict]:
-  step_dir = find_step_dir(path)
+  step_dir = find_step_dir(path).absolute()  # Orbax's tensorstore paths must be absolute.
   meta = read_meta(step_dir)
   cfg = model_config_from_meta(meta)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))

@@ -114,6 +114,14 @@ def _batch(b, t, vocab, seed):
   return dict(inputs=x[:, :-1], targets=x[:, 1:], segment_ids=seg, positions=pos, loss_mask=mask)
 
 
+def _smoke_state(n_devices: int):
+  cfg, _ = parse_args(["--config=configs/lm.py:tiny,smoke"])
+  cfg.mesh.data = n_devices
+  resolve(cfg, 500)
+  setup = make_setup(cfg, model_config(cfg), sharding.make_mesh(cfg.mesh, jax.devices()[:n_devices]))
+  return cfg, setup, init_state(setup, 0)
+
+
 def _train(mesh_shape, steps=3, overrides=()):
   cfg, _ = parse_args(["--config=configs/lm.py:tiny,smoke", *overrides])
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
@@ -150,11 +158,7 @@ def test_grad_accumulation_equals_one_big_batch():
 
 
 def test_nonfinite_gradients_skip_the_update_and_are_counted():
-  cfg, _ = parse_args(["--config=configs/lm.py:tiny,smoke"])
-  cfg.mesh.data = 1
-  resolve(cfg, 500)
-  setup = make_setup(cfg, model_config(cfg), sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
-  state = init_state(setup, 0)
+  cfg, setup, state = _smoke_state(n_devices=1)
   fn = make_train_step(setup, cfg, (8, 32))
   bad = _batch(8, 32, 500, 0)
   bad["loss_mask"] = bad["loss_mask"] * np.float32(np.nan)
@@ -228,14 +232,27 @@ def test_top_k_and_top_p_filters():
 
 def test_eval_step_loss_equals_train_step_loss_on_the_same_batch():
   from train.step import make_eval_step
-  cfg, _ = parse_args(["--config=configs/lm.py:tiny,smoke"])
-  cfg.mesh.data = 2
-  resolve(cfg, 500)
-  setup = make_setup(cfg, model_config(cfg), sharding.make_mesh(cfg.mesh, jax.devices()[:2]))
-  state = init_state(setup, 0)
+  cfg, setup, state = _smoke_state(n_devices=2)
   batch = _batch(8, 32, 500, 3)
   token_bytes = jnp.ones((setup.model_cfg.vocab_size,), jnp.int32)
   ce, nbytes, n = make_eval_step(setup, (8, 32))(state["params"], batch, token_bytes)
   _, m = make_train_step(setup, cfg, (8, 32))(state, batch)
   assert float(ce / n) == pytest.approx(float(m["loss"]), rel=1e-5)
   assert float(nbytes) == float(n) == batch["loss_mask"].sum()
+
+
+def test_checkpoints_keep_last_k_plus_every_mth(tmp_path):
+  from train.checkpoint import Checkpointer
+  ccfg = ConfigDict(dict(every=1, keep=2, keep_every=4, async_save=True))
+  ckpt = Checkpointer(tmp_path / "ckpt", ccfg)
+  state = {"w": jnp.arange(4.0), "step": jnp.int32(0)}
+  for step in range(1, 11):
+    ckpt.save(step, {"w": state["w"] + step, "step": jnp.int32(step)}, None, {"note": step})
+  ckpt.close()
+  assert sorted(ckpt.all_steps()) == [4, 8, 9, 10]
+  again = Checkpointer(tmp_path / "ckpt", ccfg)
+  abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32), "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  restored, meta = again.restore(None, abstract)
+  assert meta == {"note": 10} and int(restored["step"]) == 10
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0) + 10)
+  again.close()

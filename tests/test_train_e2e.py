@@ -110,10 +110,12 @@ def test_sample_cli_generates_from_a_checkpoint(reference_run):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   assert out.stdout.startswith("=== 'ROMEO:'\nROMEO:") and len(out.stdout) > len("=== 'ROMEO:'\nROMEO:\n")
-  step_dir = reference_run / "checkpoints" / "20"
-  again = subprocess.run([sys.executable, "-m", "train.sample", f"--checkpoint={step_dir}",
+  # A relative step directory, as a user types it from the runs' parent directory.
+  again = subprocess.run([sys.executable, "-m", "train.sample",
+                          f"--checkpoint={reference_run.name}/checkpoints/20",
                           "--prompt=ROMEO:", "--max_new_tokens=12", "--temperature=0"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+                         cwd=reference_run.parent, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
   assert again.returncode == 0, again.stderr
 
 

@@ -21,25 +21,6 @@ import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
 
-def _step_dir_step(path: pathlib.Path) -> int | None:
-  return int(path.name) if path.name.isdigit() else None
-
-
-def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
-  """`--checkpoint` accepts a run dir (latest step), its checkpoints/ dir, or one step dir."""
-  p = pathlib.Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f"checkpoint not found: {p}")
-  if (step := _step_dir_step(p)) is not None and (p / "state").exists():
-    return p.parent, step
-  if (p / "checkpoints").is_dir():
-    p = p / "checkpoints"
-  steps = sorted(s for c in p.iterdir() if (s := _step_dir_step(c)) is not None)
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint steps under {p}")
-  return p, None
-
-
 class Checkpointer:
 
   def __init__(self, directory: str | pathlib.Path, ccfg: ConfigDict | None = None, *, read_only=False):
