@@ -169,3 +169,20 @@ def test_tokenizer_vocab_larger_than_model_is_rejected(tmp_path, corpus):
   out = _cli("--config=configs/lm.py:tiny,smoke", f"--config.data.sources=text={corpus}",
              "--config.model.vocab_size=128", f"--config.run.dir={tmp_path / 'v'}")
   assert out.returncode == 2 and "vocab" in out.stderr and not (tmp_path / "v").exists()
+
+
+def test_default_command_path_trains_on_the_embedded_stdlib_corpus(tmp_path):
+  """`python -m train` as a user runs it (default sources: the stdlib corpus), at smoke size."""
+  run_dir = tmp_path / "stdlib"
+  out = _cli("--config=configs/lm.py:tiny,smoke", f"--config.run.dir={run_dir}",
+             env_extra={"JAXLM_CACHE": str(tmp_path / "cache")})
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = read_metrics(run_dir)
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert losses[-1] < losses[0]
+  assert any("val_loss" in r for r in rows)
+  cfg = json.loads((run_dir / "config.json").read_text())
+  assert cfg["data"]["sources"] == "" and (run_dir / "report.md").exists()
+  corpus = next((tmp_path / "cache" / "corpus").iterdir())
+  meta = json.loads((corpus / "corpus.json").read_text())
+  assert meta["domains"]["code"]["docs"] > 100 and meta["domains"]["prose"]["docs"] > 100
