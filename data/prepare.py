@@ -176,10 +176,14 @@ def prepare(*, sources: str, vocab_size: int, tokenizer: str = "", cache_dir: st
   if sources.strip():
     files = parse_sources(sources)
     fingerprint = _file_fingerprint(files)
+    provenance = dict(sources=sources, fingerprint=fingerprint)
   else:
     corpus_dir = corpus_lib.build_stdlib_corpus(cache / "corpus")
     files = {"code": [corpus_dir / "code.jsonl"], "prose": [corpus_dir / "prose.jsonl"]}
-    fingerprint = json.loads((corpus_dir / "corpus.json").read_text())["content_sha256"]
+    corpus_meta = json.loads((corpus_dir / "corpus.json").read_text())
+    fingerprint = corpus_meta["content_sha256"]
+    provenance = dict(sources="embedded python stdlib", python_version=corpus_meta["python_version"],
+                      content_sha256=fingerprint)
 
   if tokenizer:
     tok_path = Path(tokenizer).expanduser()
@@ -200,7 +204,8 @@ def prepare(*, sources: str, vocab_size: int, tokenizer: str = "", cache_dir: st
   manifest_path = shard_dir / "manifest.json"
   if not manifest_path.is_file():
     tmp = shard_dir.with_name(f".{shard_dir.name}.{uuid.uuid4().hex[:12]}")
-    build_shards(files, tok_path, tmp, val_fraction=val_fraction, num_workers=num_workers or None)
+    build_shards(files, tok_path, tmp, val_fraction=val_fraction, num_workers=num_workers or None,
+                 provenance=provenance)
     _install(tmp, shard_dir)
   manifest = load_manifest(manifest_path)
   if manifest["tokenizer_sha256"] != tok.sha256:

@@ -6,11 +6,11 @@ Library module, no entry point (`data.prepare` calls `build_shards`). Layout of 
   <domain>/train-00000.array_record ...      one record per document: raw little-endian token ids
   <domain>/val-00000.array_record ...        (uint16 when vocab <= 65536, else uint32)
 
-  {"format": 1, "tokenizer_sha256", "vocab_size", "dtype", "bos_id", "eos_id", "pad_id",
+  {"format": 2, "tokenizer_sha256", "vocab_size", "dtype", "bos_id", "eos_id", "pad_id",
    "val_fraction",
    "domains": {name: {"train": {"files": [relative paths], "docs", "tokens"}, "val": {...},
                       "read", "dropped": {"empty"}, "sources": [input files]}},
-   "dropped": {"empty": n}, "read": n}
+   "dropped": {"empty": n}, "read": n, "provenance": {...}}
 
 Counts reconcile: read = sum(train.docs + val.docs) + sum(dropped). A document goes to `val` when a
 hash of its id falls below `val_fraction`, so the split of a document never changes when files are
@@ -42,7 +42,7 @@ from data.errors import DataError
 from data.readers import Document, ReadStats, iter_documents
 from data.tokenizer import Tokenizer
 
-FORMAT = 1
+FORMAT = 2  # 2: the manifest records the sources' provenance
 SPLITS = ("train", "val")
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 # ~1 MB of text per task: ~0.15 s of SentencePiece work (7 MB/s per core), against ~2 ms of pickling
@@ -143,8 +143,11 @@ class _SplitWriter:
 
 def build_shards(sources: dict[str, list[Path]], tokenizer_path: str | Path, out_dir: str | Path, *,
                  val_fraction: float = 0.01, num_workers: int | None = None,
-                 docs_per_shard: int = 16_384) -> dict:
+                 docs_per_shard: int = 16_384, provenance: dict | None = None) -> dict:
   """Tokenizes every document of every domain into `out_dir`; returns the manifest (also written).
+
+  `provenance`: recorded as-is under the manifest's "provenance" key (what the sources are, e.g. the
+  embedded corpus's Python version and content hash).
 
   `num_workers`: tokenizer processes; None or 0 = all CPUs, 1 = in this process (no pool; also
   used when __main__ is not re-importable, e.g. a script read from stdin).
@@ -168,6 +171,7 @@ def build_shards(sources: dict[str, list[Path]], tokenizer_path: str | Path, out
   os.chmod(tmp, 0o755)
   try:
     manifest = _build(sources, tok, dtype, tmp, val_fraction, num_workers, docs_per_shard)
+    manifest["provenance"] = dict(provenance or {})
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     _replace_dir(tmp, out_dir)
   finally:

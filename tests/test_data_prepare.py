@@ -123,6 +123,9 @@ def test_prepare_embedded_stdlib_corpus(tmp_path):
   assert m["domains"]["code"]["train"]["tokens"] > 2_000_000
   assert m["domains"]["prose"]["train"]["tokens"] > 400_000
   assert m["domains"]["code"]["val"]["docs"] > 0 and m["domains"]["prose"]["val"]["docs"] > 0
+  import platform
+  assert m["provenance"]["python_version"] == platform.python_version()
+  assert len(m["provenance"]["content_sha256"]) == 64
   t = time.perf_counter()
   assert prepare(sources="", vocab_size=4096, cache_dir=str(tmp_path),
                  tokenizer_sample_chars=2_000_000) == p

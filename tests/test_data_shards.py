@@ -60,7 +60,7 @@ def test_records_and_counts(inputs, built):
   out, manifest = built
   tok = Tokenizer.load(inputs["tok_path"])
   assert manifest == {k: v for k, v in load_manifest(out).items() if k != "root"}
-  assert manifest["format"] == 1 and manifest["dtype"] == "uint16"
+  assert manifest["format"] == 2 and manifest["dtype"] == "uint16"
   assert manifest["vocab_size"] == 600 and manifest["tokenizer_sha256"] == tok.sha256
   assert manifest["dropped"] == {"empty": 2} and manifest["read"] == 60 + len(inputs["records"]["prose"])
   kept = 0

@@ -37,9 +37,9 @@ from train.sample import generate
 from train.state import init_state, make_setup
 from train.step import make_eval_step, make_train_step
 
-# Keys whose change does not alter what is trained: allowed when resuming.
-_RESUME_FREE = {"data.num_workers", "data.prefetch", "data.cache_dir", "model.attention",
-                "model.scan_layers"}
+# Keys whose change alters neither what is trained nor the checkpoint's layout: allowed when resuming.
+# (model.scan_layers is not: it changes the param tree, stacked vs per-layer.)
+_RESUME_FREE = {"data.num_workers", "data.prefetch", "data.cache_dir", "model.attention"}
 
 
 def provenance() -> dict:
