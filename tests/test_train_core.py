@@ -10,7 +10,7 @@ from configs.lm import SIZES, get_config
 from model.config import ModelConfig
 from model.params import count_params
 from train import flops, sharding
-from train.config import ConfigError, apply_override, load_preset, model_config, parse_args, resolve
+from train.config import ConfigError, load_preset, model_config, parse_args, resolve
 from train.optim import SCHEDULES, decay_mask
 from train.sample import filter_logits
 from train.state import init_state, make_setup

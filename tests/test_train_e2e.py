@@ -1,7 +1,6 @@
 """End-to-end training runs on real text: loss falls, checkpoint-resume equality, mesh change, bad input."""
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, require, shared_data
-from train.config import ConfigError, parse_args
+from train.config import parse_args
 from train.metrics import read_metrics
 
 

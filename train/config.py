@@ -13,7 +13,7 @@ import pathlib
 import sys
 from typing import Any, Sequence
 
-from ml_collections import ConfigDict, config_dict
+from ml_collections import ConfigDict
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/lm.py:tiny"

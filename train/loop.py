@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import platform
 import subprocess
@@ -22,7 +21,6 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from data.errors import DataError
 from data.pipeline import eval_batches, train_iterator
 from data.prepare import parse_weights, prepare
 from data.tokenizer import Tokenizer
@@ -169,7 +167,7 @@ def run(cfg: ConfigDict) -> dict:
   # ---------------------------------------------------------------- loop
   bar = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.train.progress and is_main),
              dynamic_ncols=True, desc="train")
-  last_time, last_step, pending = time.time(), start, None
+  last_time, last_step = time.time(), start
   step = start
   last_loss = None
   interval_losses = []  # device scalars: averaged at each log, so a row is not one noisy batch.
