@@ -51,6 +51,7 @@ def base() -> ConfigDict:
 
   c.data = ConfigDict(dict(
       sources="",  # "": the embedded Python-stdlib corpus; else "domain=glob,domain2=glob2".
+      manifest="",  # prebuilt shards (e.g. `python -m data.curate`'s <out>/shards); overrides sources.
       weights="",  # "": by token count; else "code=0.5,prose=0.5".
       seq_len=512,
       vocab_size=4096,  # tokenizer vocab when one is trained.

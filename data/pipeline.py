@@ -119,9 +119,14 @@ def _domain_seed(seed: int, domain: str) -> int:
 
 
 def mixture(manifest: dict, weights: dict[str, float] | None) -> dict[str, float]:
-  """Normalized token weights per domain with weight > 0 (None or {}: share of train tokens)."""
+  """Normalized token weights per domain with weight > 0.
+
+  None or {}: the manifest's own "weights" (written by `data.curate`'s mix step) if it has them, else
+  each domain's share of training tokens (upsampled domains count their repeats).
+  """
   names = list(manifest["domains"])
   train = {n: manifest["domains"][n]["train"] for n in names}
+  weights = weights or manifest.get("weights")
   if not weights:
     w = {n: float(train[n]["tokens"]) for n in names}
   else:

@@ -118,7 +118,7 @@ def _key(*parts) -> str:
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _sample_texts(sources: dict[str, list[Path]], total_chars: int, seed: int) -> Iterator[str]:
+def sample_texts(sources: dict[str, list[Path]], total_chars: int, seed: int) -> Iterator[str]:
   """~total_chars of text, an equal share per domain, documents picked with a seeded coin."""
   budget = total_chars // len(sources)
   for name, files in sources.items():
@@ -196,7 +196,7 @@ def prepare(*, sources: str, vocab_size: int, tokenizer: str = "", cache_dir: st
         _key("tok", fingerprint, vocab_size, tokenizer_sample_chars, seed) + ".model")
     if not tok_path.is_file():
       tmp = tok_path.with_name(f".{tok_path.name}.{uuid.uuid4().hex[:12]}")
-      train_tokenizer(_sample_texts(files, tokenizer_sample_chars, seed), vocab_size, tmp, seed=seed)
+      train_tokenizer(sample_texts(files, tokenizer_sample_chars, seed), vocab_size, tmp, seed=seed)
       _install(tmp, tok_path)
     tok = Tokenizer.load(tok_path)
 
@@ -213,6 +213,25 @@ def prepare(*, sources: str, vocab_size: int, tokenizer: str = "", cache_dir: st
                     f"not {tok.sha256[:12]} ({tok_path})")
   return Prepared(tokenizer_path=tok_path, manifest_path=manifest_path,
                   domains=tuple(manifest["domains"]))
+
+
+def from_manifest(manifest: str | Path, tokenizer: str | Path = "") -> Prepared:
+  """Prebuilt shards (e.g. `data.curate`'s <out>/shards): the manifest and its tokenizer.
+
+  The tokenizer is `tokenizer` if given, else the `tokenizer.model` stored beside the manifest; it
+  must be the one the shards were built with (checked by sha256).
+  """
+  path = Path(manifest).expanduser()
+  m = load_manifest(path)
+  manifest_path = Path(m["root"]) / "manifest.json"
+  tok_path = Path(tokenizer).expanduser() if tokenizer else Path(m["root"]) / "tokenizer.model"
+  if not tok_path.is_file():
+    raise DataError(f"{tok_path}: no tokenizer for {manifest_path} (give data.tokenizer)")
+  tok = Tokenizer.load(tok_path)
+  if tok.sha256 != m["tokenizer_sha256"]:
+    raise DataError(f"{manifest_path}: built with tokenizer {m['tokenizer_sha256'][:12]}, not "
+                    f"{tok.sha256[:12]} ({tok_path})")
+  return Prepared(tokenizer_path=tok_path, manifest_path=manifest_path, domains=tuple(m["domains"]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,11 +8,14 @@ Library module, no entry point (`data.prepare` calls `build_shards`). Layout of 
 
   {"format": 2, "tokenizer_sha256", "vocab_size", "dtype", "bos_id", "eos_id", "pad_id",
    "val_fraction",
-   "domains": {name: {"train": {"files": [relative paths], "docs", "tokens"}, "val": {...},
-                      "read", "dropped": {"empty"}, "sources": [input files]}},
-   "dropped": {"empty": n}, "read": n, "provenance": {...}}
+   "domains": {name: {"train": {"files": [relative paths], "docs", "unique_docs", "tokens"},
+                      "val": {...}, "epochs", "read", "dropped": {"empty"}, "sources": [input files]}},
+   "dropped": {"empty": n}, "read": n, "provenance": {...}, "weights": {name: w} (optional)}
 
-Counts reconcile: read = sum(train.docs + val.docs) + sum(dropped). A document goes to `val` when a
+Counts reconcile: read = sum(train.unique_docs + val.unique_docs) + sum(dropped). `epochs` upsamples a
+domain's training documents (3.0 = every document three times; 1.5 = every document once plus a
+hash-chosen half of them again), so its share of a token-weighted mixture grows by that factor; val
+documents are never repeated, so evaluation stays unbiased. A document goes to `val` when a
 hash of its id falls below `val_fraction`, so the split of a document never changes when files are
 added or reordered. Tokenization runs in a process pool (tokenizer loaded once per worker, documents
 sent in ~1 MB chunks); the main process reads, splits and writes, in input order, so the output is
@@ -26,6 +29,7 @@ import collections
 from concurrent import futures
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -42,7 +46,7 @@ from data.errors import DataError
 from data.readers import Document, ReadStats, iter_documents
 from data.tokenizer import Tokenizer
 
-FORMAT = 2  # 2: the manifest records the sources' provenance
+FORMAT = 3  # 2: the manifest records the sources' provenance; 3: epochs, unique_docs, weights
 SPLITS = ("train", "val")
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 # ~1 MB of text per task: ~0.15 s of SentencePiece work (7 MB/s per core), against ~2 ms of pickling
@@ -117,6 +121,7 @@ class _SplitWriter:
     self._in_file = 0
     self.files: list[str] = []
     self.docs = 0
+    self.unique_docs = 0  # docs before upsampling (`epochs` writes one document several times)
     self.tokens = 0
 
   def write(self, record: bytes, n_tokens: int) -> None:
@@ -138,12 +143,15 @@ class _SplitWriter:
       self._writer = None
 
   def summary(self) -> dict:
-    return {"files": list(self.files), "docs": self.docs, "tokens": self.tokens}
+    return {"files": list(self.files), "docs": self.docs, "unique_docs": self.unique_docs,
+            "tokens": self.tokens}
 
 
 def build_shards(sources: dict[str, list[Path]], tokenizer_path: str | Path, out_dir: str | Path, *,
                  val_fraction: float = 0.01, num_workers: int | None = None,
-                 docs_per_shard: int = 16_384, provenance: dict | None = None) -> dict:
+                 docs_per_shard: int = 16_384, provenance: dict | None = None,
+                 epochs: dict[str, float] | None = None, weights: dict[str, float] | None = None
+                 ) -> dict:
   """Tokenizes every document of every domain into `out_dir`; returns the manifest (also written).
 
   `provenance`: recorded as-is under the manifest's "provenance" key (what the sources are, e.g. the
@@ -152,6 +160,9 @@ def build_shards(sources: dict[str, list[Path]], tokenizer_path: str | Path, out
   `num_workers`: tokenizer processes; None or 0 = all CPUs, 1 = in this process (no pool; also
   used when __main__ is not re-importable, e.g. a script read from stdin).
   `docs_per_shard`: records per ArrayRecord file (16K documents of ~4 KB tokens = ~64 MB files).
+  `epochs`: per-domain upsampling of training documents (default 1.0; see the module docstring).
+  `weights`: default mixture weights recorded in the manifest (`data.pipeline.mixture` uses them
+  when the training run gives none).
   An existing `out_dir` is replaced only once the new one is complete.
   """
   if not sources:
@@ -163,6 +174,14 @@ def build_shards(sources: dict[str, list[Path]], tokenizer_path: str | Path, out
       raise DataError(f"domain {name!r} has no files")
   if not 0.0 <= val_fraction < 1.0:
     raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+  epochs = {name: float(e) for name, e in (epochs or {}).items()}
+  for what, values in (("epochs", epochs), ("weights", weights or {})):
+    unknown = sorted(set(values) - set(sources))
+    if unknown:
+      raise DataError(f"{what} name unknown domain(s) {unknown}; domains are {sorted(sources)}")
+  bad = {n: e for n, e in epochs.items() if not (e >= 1.0 and math.isfinite(e))}
+  if bad:
+    raise DataError(f"epochs must be finite and >= 1, got {bad}")
   tok = Tokenizer.load(tokenizer_path)
   dtype = token_dtype(tok.vocab_size)
   out_dir = Path(out_dir)
@@ -170,8 +189,10 @@ def build_shards(sources: dict[str, list[Path]], tokenizer_path: str | Path, out
   tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   os.chmod(tmp, 0o755)
   try:
-    manifest = _build(sources, tok, dtype, tmp, val_fraction, num_workers, docs_per_shard)
+    manifest = _build(sources, tok, dtype, tmp, val_fraction, num_workers, docs_per_shard, epochs)
     manifest["provenance"] = dict(provenance or {})
+    if weights:
+      manifest["weights"] = dict(weights)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     _replace_dir(tmp, out_dir)
   finally:
@@ -180,7 +201,7 @@ def build_shards(sources: dict[str, list[Path]], tokenizer_path: str | Path, out
 
 
 def _build(sources, tok: Tokenizer, dtype: np.dtype, root: Path, val_fraction: float,
-           num_workers: int | None, docs_per_shard: int) -> dict:
+           num_workers: int | None, docs_per_shard: int, epochs: dict[str, float]) -> dict:
   stats = {name: ReadStats() for name in sources}
   writers = {(name, split): _SplitWriter(root, name, split, docs_per_shard)
              for name in sources for split in SPLITS}
@@ -198,7 +219,7 @@ def _build(sources, tok: Tokenizer, dtype: np.dtype, root: Path, val_fraction: f
   if workers == 1:
     _init_worker(tok.to_bytes())
     results = ((chunk, _tokenize_chunk(args)) for chunk, args in tasks)
-    _write_all(results, writers, val_fraction, dtype)
+    _write_all(results, writers, val_fraction, dtype, epochs)
   else:
     # spawn, not fork: the parent may hold threads (grain, JAX) that fork would copy mid-lock. An
     # executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool here instead of
@@ -227,12 +248,12 @@ def _build(sources, tok: Tokenizer, dtype: np.dtype, root: Path, val_fraction: f
   for name in sources:
     s = stats[name]
     entry = {split: writers[name, split].summary() for split in SPLITS}
-    kept = entry["train"]["docs"] + entry["val"]["docs"]
+    kept = entry["train"]["unique_docs"] + entry["val"]["unique_docs"]
     if kept == 0:
       raise DataError(f"domain {name!r}: no non-empty documents in {len(sources[name])} file(s) "
                       f"({s.read} read, {s.empty} empty), e.g. {sources[name][0]}")
     assert kept == s.kept, (name, kept, s.kept)
-    entry.update(read=s.read, dropped={"empty": s.empty},
+    entry.update(epochs=epochs.get(name, 1.0), read=s.read, dropped={"empty": s.empty},
                  sources=[str(p) for p in sources[name]])
     domains[name] = entry
   return {
@@ -248,11 +269,29 @@ def _build(sources, tok: Tokenizer, dtype: np.dtype, root: Path, val_fraction: f
   }
 
 
-def _write_all(results, writers, val_fraction: float, dtype: np.dtype) -> None:
+def copies(doc_id: str, epochs: float) -> int:
+  """How many times a training document is written: floor(epochs), plus one for a hash-chosen
+  fraction (epochs mod 1) of documents, so 1.5 epochs repeats half of them, the same half every build."""
+  whole = math.floor(epochs)
+  frac = epochs - whole
+  if frac <= 0:
+    return whole
+  h = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8, person=b"epochs").digest(),
+                     "little")
+  return whole + (h < frac * 2.0**64)
+
+
+def _write_all(results, writers, val_fraction: float, dtype: np.dtype,
+               epochs: dict[str, float] | None = None) -> None:
+  epochs = epochs or {}
   for chunk, records in results:
     for (name, doc), record in zip(chunk, records):
       split = "val" if is_val(doc.id, val_fraction) else "train"
-      writers[name, split].write(record, len(record) // dtype.itemsize)
+      writer = writers[name, split]
+      n = copies(doc.id, epochs.get(name, 1.0)) if split == "train" else 1
+      for _ in range(n):
+        writer.write(record, len(record) // dtype.itemsize)
+      writer.unique_docs += 1
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -295,12 +334,12 @@ def load_manifest(path: str | Path) -> dict:
   for name, d in m["domains"].items():
     for split in SPLITS:
       s = d.get(split) if isinstance(d, dict) else None
-      if not isinstance(s, dict) or not {"files", "docs", "tokens"} <= set(s):
+      if not isinstance(s, dict) or not {"files", "docs", "unique_docs", "tokens"} <= set(s):
         raise DataError(f"{path}: domain {name!r} lacks a valid {split!r} entry")
       for rel in s["files"]:
         if not (root / rel).is_file():
           raise DataError(f"{path}: shard {root / rel} is missing")
-      kept += s["docs"]
+      kept += s["unique_docs"]
   if kept + sum(m["dropped"].values()) != m["read"]:
     raise DataError(f"{path}: counts don't reconcile: kept {kept} + dropped "
                     f"{sum(m['dropped'].values())} != read {m['read']}")

@@ -10,7 +10,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from data import corpus
 from data.errors import DataError
-from data.shards import build_shards, is_val, load_manifest
+from data.shards import FORMAT, build_shards, copies, is_val, load_manifest
 from data.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -60,7 +60,7 @@ def test_records_and_counts(inputs, built):
   out, manifest = built
   tok = Tokenizer.load(inputs["tok_path"])
   assert manifest == {k: v for k, v in load_manifest(out).items() if k != "root"}
-  assert manifest["format"] == 2 and manifest["dtype"] == "uint16"
+  assert manifest["format"] == FORMAT and manifest["dtype"] == "uint16"
   assert manifest["vocab_size"] == 600 and manifest["tokenizer_sha256"] == tok.sha256
   assert manifest["dropped"] == {"empty": 2} and manifest["read"] == 60 + len(inputs["records"]["prose"])
   kept = 0
@@ -143,3 +143,27 @@ def test_load_manifest_errors(built, tmp_path):
   (out / "broken.json").write_text(json.dumps(broken))
   with pytest.raises(DataError, match="reconcile"):
     load_manifest(out / "broken.json")
+
+
+def test_epochs_upsample_train_only_and_weights_recorded(inputs, built, tmp_path):
+  out1, m1 = built
+  out = tmp_path / "up"
+  m = build_shards(inputs["files"], inputs["tok_path"], out, val_fraction=0.2, num_workers=1,
+                   docs_per_shard=16, epochs={"prose": 2.5}, weights={"code": 1.0, "prose": 3.0})
+  assert m["weights"] == {"code": 1.0, "prose": 3.0}
+  assert load_manifest(out)["domains"]["prose"]["epochs"] == 2.5
+  p1, p = m1["domains"]["prose"], m["domains"]["prose"]
+  # Val is never repeated; train repeats each doc 2 or 3 times, the extra copy for ~half of them.
+  assert p["val"] == {**p1["val"], "files": p["val"]["files"]}
+  assert p["train"]["unique_docs"] == p1["train"]["unique_docs"]
+  train_ids = [r["id"] for r in inputs["records"]["prose"] if r["text"].strip()
+               and not is_val(r["id"], 0.2)]
+  expected = sum(copies(i, 2.5) for i in train_ids)
+  assert p["train"]["docs"] == expected
+  assert 2.3 * len(train_ids) < expected < 2.7 * len(train_ids)
+  assert len(_read_split(out, m, "prose", "train")) == expected
+  assert m["domains"]["code"] == {**m1["domains"]["code"], "sources": m["domains"]["code"]["sources"]}
+  with pytest.raises(DataError, match="epochs must be finite and >= 1"):
+    build_shards(inputs["files"], inputs["tok_path"], tmp_path / "bad", epochs={"prose": 0.5})
+  with pytest.raises(DataError, match="unknown domain"):
+    build_shards(inputs["files"], inputs["tok_path"], tmp_path / "bad", weights={"wiki": 1.0})

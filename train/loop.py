@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from data.pipeline import eval_batches, train_iterator
-from data.prepare import parse_weights, prepare
+from data.prepare import from_manifest, parse_weights, prepare
 from data.tokenizer import Tokenizer
 from model.params import count_params
 from train import flops as flops_lib
@@ -95,10 +95,13 @@ def run(cfg: ConfigDict) -> dict:
   tokenizer_path = cfg.data.tokenizer
   if not tokenizer_path and (run_dir / "tokenizer.model").exists():
     tokenizer_path = str(run_dir / "tokenizer.model")  # resume with the exact tokenizer of the run.
-  prepared = prepare(sources=cfg.data.sources, vocab_size=cfg.data.vocab_size, tokenizer=tokenizer_path,
-                     cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
-                     num_workers=cfg.data.num_workers, seed=cfg.run.seed,
-                     tokenizer_sample_chars=cfg.data.tokenizer_sample_chars)
+  if cfg.data.manifest:
+    prepared = from_manifest(cfg.data.manifest, tokenizer_path)
+  else:
+    prepared = prepare(sources=cfg.data.sources, vocab_size=cfg.data.vocab_size,
+                       tokenizer=tokenizer_path, cache_dir=cfg.data.cache_dir,
+                       val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers,
+                       seed=cfg.run.seed, tokenizer_sample_chars=cfg.data.tokenizer_sample_chars)
   tokenizer = Tokenizer.load(prepared.tokenizer_path)
   resolve(cfg, tokenizer.vocab_size)
   weights = parse_weights(cfg.data.weights) if cfg.data.weights else None
