@@ -240,7 +240,7 @@ def _build(sources, tok: Tokenizer, dtype: np.dtype, root: Path, val_fraction: f
           c, r = pending.popleft()
           yield c, r.result()
 
-      _write_all(results(), writers, val_fraction, dtype)
+      _write_all(results(), writers, val_fraction, dtype, epochs)
   for w in writers.values():
     w.close()
 
@@ -282,8 +282,7 @@ def copies(doc_id: str, epochs: float) -> int:
 
 
 def _write_all(results, writers, val_fraction: float, dtype: np.dtype,
-               epochs: dict[str, float] | None = None) -> None:
-  epochs = epochs or {}
+               epochs: dict[str, float]) -> None:
   for chunk, records in results:
     for (name, doc), record in zip(chunk, records):
       split = "val" if is_val(doc.id, val_fraction) else "train"

@@ -148,7 +148,7 @@ def test_load_manifest_errors(built, tmp_path):
 def test_epochs_upsample_train_only_and_weights_recorded(inputs, built, tmp_path):
   out1, m1 = built
   out = tmp_path / "up"
-  m = build_shards(inputs["files"], inputs["tok_path"], out, val_fraction=0.2, num_workers=1,
+  m = build_shards(inputs["files"], inputs["tok_path"], out, val_fraction=0.2, num_workers=2,
                    docs_per_shard=16, epochs={"prose": 2.5}, weights={"code": 1.0, "prose": 3.0})
   assert m["weights"] == {"code": 1.0, "prose": 3.0}
   assert load_manifest(out)["domains"]["prose"]["epochs"] == 2.5
