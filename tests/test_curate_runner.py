@@ -185,3 +185,22 @@ def test_cli_bad_input_is_one_line(args, message, inputs, tmp_path):
   assert r.returncode == 2, r.stderr
   assert message in r.stderr and "Traceback" not in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_train_reads_the_curated_shards(local_run, tmp_path):
+  """`python -m train --config.data.manifest=<out>/shards`: the curated corpus trains as is."""
+  from train.config import parse_args
+  from train.loop import run
+  from train.metrics import read_metrics
+  _, out, _ = local_run
+  run_dir = tmp_path / "run"
+  cfg, _ = parse_args(["--config=configs/lm.py:tiny,smoke", f"--config.data.manifest={out / 'shards'}",
+                       f"--config.run.dir={run_dir}", "--config.train.progress=false",
+                       "--config.checkpoint.async_save=false", "--config.train.steps=4",
+                       "--config.train.eval_every=4", "--config.train.log_every=1",
+                       "--config.data.vocab_size=512"])
+  run(cfg)
+  rows = read_metrics(run_dir)
+  assert [r["step"] for r in rows if "loss" in r][-1] == 4
+  assert any("val_loss" in r for r in rows)
+  assert (run_dir / "tokenizer.model").read_bytes() == (out / "shards" / "tokenizer.model").read_bytes()

@@ -69,9 +69,21 @@ def plan(pipeline: tuple[str, ...]) -> Plan:
   return Plan(tuple(pipeline[:first]), tuple(pipeline[first:last]), tuple(pipeline[last:]))
 
 
+# A directory source takes the files with these suffixes (optionally .gz/.zst), so a LICENSE or README
+# beside the data is not curated as a document; a file or glob given explicitly is read whatever its name.
+_DATA_SUFFIXES = (".warc", ".wet", ".jsonl", ".json", ".ndjson", ".parquet", ".txt", ".md")
+
+
+def _is_data_file(p: Path) -> bool:
+  name = p.name.lower()
+  for c in (".gz", ".zst"):
+    name = name.removesuffix(c)
+  return name.endswith(_DATA_SUFFIXES)
+
+
 def parse_sources(spec: str) -> dict[str, list[Path]]:
   """"web=/cc/*.warc.gz,wiki=/data/wiki/" -> {domain: sorted files}; a directory means every
-  non-hidden file under it."""
+  non-hidden data file under it (`_DATA_SUFFIXES`)."""
   if not spec.strip():
     raise DataError("no sources: give --config.sources=\"name=glob[,name2=glob2]\"")
   out: dict[str, list[Path]] = {}
@@ -85,7 +97,7 @@ def parse_sources(spec: str) -> dict[str, list[Path]]:
     for m in sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) or [pattern]:
       p = Path(m)
       if p.is_dir():
-        files += sorted(f for f in p.rglob("*") if f.is_file()
+        files += sorted(f for f in p.rglob("*") if f.is_file() and _is_data_file(f)
                         and not any(x.startswith(".") for x in f.relative_to(p).parts))
       elif p.is_file():
         files.append(p)
