@@ -204,3 +204,47 @@ def test_train_reads_the_curated_shards(local_run, tmp_path):
   assert [r["step"] for r in rows if "loss" in r][-1] == 4
   assert any("val_loss" in r for r in rows)
   assert (run_dir / "tokenizer.model").read_bytes() == (out / "shards" / "tokenizer.model").read_bytes()
+
+
+def test_model_based_stages_through_the_runner(inputs, tmp_path):
+  """quality (a classifier trained by the project's CLI) and perplexity (a checkpoint of this project)
+  run in spawned worker processes like every other stage."""
+  from conftest import shared_data
+  from train.config import parse_args
+  from train.loop import run as train
+  text = shared_data() / "text"
+  q = tmp_path / "q.npz"
+  # Reference text: WikiText-2 valid paragraphs, one document each (so the CLI's held-out split,
+  # made by document, has positives too).
+  with open(tmp_path / "wiki.jsonl", "w") as f:
+    for line in (text / "wikitext2_valid.txt").read_text().splitlines():
+      if len(line) > 300 and not line.strip().startswith("="):
+        f.write(json.dumps({"text": line.strip()}) + "\n")
+  r = subprocess.run([sys.executable, "-m", "data.curate.quality", f"--positive={tmp_path / 'wiki.jsonl'}",
+                      f"--negative={shared_data() / 'web' / 'cc_sample_000*.warc.gz'}",
+                      "--chunk_chars=2000", f"--out={q}"], cwd=REPO, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert json.loads(r.stdout.splitlines()[-1])["val"]["auc"] > 0.9
+  with open(tmp_path / "shakespeare.jsonl", "w") as f:
+    for i, para in enumerate((text / "tinyshakespeare.txt").read_text().split("\n\n")[:2000]):
+      f.write(json.dumps({"id": f"p{i}", "text": para}) + "\n")
+  cfg, _ = parse_args(["--config=configs/lm.py:tiny,smoke", f"--config.data.sources=text={tmp_path}/shakespeare.jsonl",
+                       f"--config.run.dir={tmp_path}/lm", f"--config.data.cache_dir={tmp_path}/cache",
+                       "--config.train.progress=false", "--config.checkpoint.async_save=false",
+                       "--config.train.steps=20", "--config.checkpoint.every=20",
+                       "--config.train.eval_every=1000"])
+  train(cfg)
+  pipeline = ("extract", "langid", "quality", "exact_dedup", "perplexity")
+  cfg = _cfg(f"web={inputs['real']}", tmp_path / "out", pipeline=pipeline,
+             **{"stages.quality.model": str(q), "stages.quality.min_score": 0.05,
+                "stages.perplexity.checkpoint": str(tmp_path / "lm"),
+                "stages.perplexity.drop_percentile": 80.0, "mix.tokenize": False})
+  stats = runner.run(cfg, log_fn=lambda _: None)
+  st = stats["stages"]
+  assert st["quality"]["in"] == st["langid"]["kept"] and st["quality"]["kept"] > 0
+  alive = st["perplexity"]["in"]
+  # drop_percentile 80: the 20% with the highest bits per byte, floor(n * 20 / 100) of n scored docs.
+  assert st["perplexity"]["dropped"] == {"high_perplexity": alive * 20 // 100}
+  docs = [d for f in runner.curated_files(tmp_path / "out")["web"] for d in read_docs(f)]
+  assert docs and all(0.05 <= d.meta["quality"] <= 1 and d.meta["perplexity_bpb"] > 0 for d in docs)
