@@ -189,8 +189,9 @@ def test_overhead_of_the_child_process(pages, stage):
   mb = sum(len(d.html.encode()) for d in pages) * rounds / 1e6
   print(f"\nextract: {n / sandbox:.0f} docs/s ({mb / sandbox:.1f} MB/s of HTML) in the child process, "
         f"{n / direct:.0f} docs/s in-process; overhead {overhead_ms:.3f} ms/doc")
-  assert stage._sandbox.starts == 1  # one child served every doc
-  assert overhead_ms < 10.0  # a per-doc process start would cost ~100 ms
+  # One child served every doc (a per-doc process start would cost ~100 ms). The figures printed above
+  # are informative only: speed is measured by `python -m data.bench`, not asserted in tests.
+  assert stage._sandbox.starts == 1
 
 
 def test_child_exits_when_its_parent_is_killed(tmp_path):
