@@ -13,9 +13,6 @@ need a model, so they are not in the default pipeline: add them with
 """
 from __future__ import annotations
 
-import os
-import pathlib
-
 from ml_collections import ConfigDict
 
 # Order follows FineWeb's: cheap per-document filters first, then the corpus-wide dedup (fewer
@@ -25,14 +22,9 @@ DEFAULT_PIPELINE = (
     "decontam", "exact_dedup", "url_dedup", "minhash", "line_dedup", "pii")
 
 
-def _shared_data() -> pathlib.Path:
-  repo = pathlib.Path(__file__).resolve().parents[1]
-  return pathlib.Path(os.environ.get("SHARED_DATA", repo.parent / "shared" / "data"))
-
-
 def get_config(arg: str | None = None) -> ConfigDict:
   from data.curate import registry  # noqa: F401  (fills STAGES)
-  from data.curate.base import STAGES
+  from data.curate.base import STAGES, shared_data_dir
 
   c = ConfigDict()
   c.sources = ""      # "name=glob[,name2=glob2]": files, globs or directories per mixture domain
@@ -54,7 +46,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       weights="",             # "web=0.7,wiki=0.3": default mixture weights in the manifest
   ))
   if arg == "web_samples":
-    c.sources = f"web={_shared_data() / 'web'}"
+    c.sources = f"web={shared_data_dir() / 'web'}"
     c.out = "runs/curate/web_samples"
   elif arg:
     raise ValueError(f"unknown curate preset {arg!r}: use web_samples or nothing")

@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--skip", default="", help="comma list of: stages,dedup,e2e,datasketch,datatrove")
   args = p.parse_args(argv)
   skip = set(filter(None, args.skip.split(",")))
-  from data.curate.benchcorpus import build_bench_corpus, default_data_dir
-  shared = default_data_dir()
+  from data.curate.base import shared_data_dir
+  from data.curate.benchcorpus import build_bench_corpus
+  shared = shared_data_dir()
   if not (shared / "web").is_dir():
     raise DataError(f"shared data not found at {shared} (set SHARED_DATA)")
   t0 = time.perf_counter()

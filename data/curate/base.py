@@ -29,6 +29,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -58,6 +60,13 @@ class Doc:
   @classmethod
   def from_json(cls, line: str | bytes) -> Doc:
     return cls(**json.loads(line))
+
+
+def shared_data_dir() -> Path:
+  """The small real datasets (eval sets, web samples): $SHARED_DATA, else ../shared/data beside the
+  repository (the same lookup as tests/conftest.py)."""
+  env = os.environ.get("SHARED_DATA")
+  return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def host_of(url: str) -> str:

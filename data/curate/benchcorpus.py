@@ -41,13 +41,12 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from data.curate.base import Doc
+from data.curate.base import Doc, shared_data_dir
 from data.errors import DataError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -58,12 +57,6 @@ _EXACT_SHARE = 0.25                     # of planted duplicates, exact copies
 _WIKI_DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "),
                (" ; ", "; "), (" : ", ": "), (" 's ", "'s "), (" n't ", "n't "), ("( ", "("),
                (" )", ")"), (' " ', ' "')]
-
-
-def default_data_dir() -> Path:
-  """The shared data folder: $SHARED_DATA, or ../shared/data beside the repository."""
-  env = os.environ.get("SHARED_DATA")
-  return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _read(path: Path) -> str:
@@ -97,7 +90,7 @@ def sentence_pools(data_dir: str = "", cache_dir: str = "") -> tuple[tuple[str, 
   from data import corpus as corpus_lib
   from data.prepare import default_cache_dir
 
-  root = Path(data_dir) if data_dir else default_data_dir()
+  root = Path(data_dir) if data_dir else shared_data_dir()
   web_docs = [t for f in sorted((root / "web").glob("ccnet_en_head_*.jsonl")) for t in _jsonl_texts(f)]
   web_docs += _jsonl_texts(root / "web" / "dolma_documents_000.json.gz")
   if len(web_docs) < 2:

@@ -47,7 +47,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -55,14 +54,12 @@ from typing import Any
 
 import numpy as np
 
-from data.curate.base import Doc, Stage, register
+from data.curate.base import Doc, Stage, register, shared_data_dir
+from data.curate.minhash import fmix64
 from data.errors import DataError
 
-REPO = Path(__file__).resolve().parents[2]
 _TOKEN_RE = re.compile(r"[^\W_]+")
 _P = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime: an odd multiplier for the polynomial
-_M1, _M2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)  # MurmurHash3 fmix64
-_S33 = np.uint64(33)
 _CACHE_MAX = 1 << 20  # token -> hash entries kept per process (~100 MB at most); cleared when full
 
 
@@ -87,11 +84,6 @@ def eval_set(name: str) -> Callable[[EvalLoader], EvalLoader]:
     EVAL_SETS[name] = fn
     return fn
   return wrap
-
-
-def default_data_dir() -> Path:
-  """$SHARED_DATA, else ../shared/data next to the repository (the logic of tests/conftest.py)."""
-  return Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def _need(path: Path) -> Path:
@@ -190,12 +182,7 @@ def ngram_hashes(tokens: list[str], n: int) -> np.ndarray:
   for i in range(1, n):  # integer array arithmetic wraps mod 2^64 without warnings
     acc *= _P
     acc += h[i:i + m]
-  acc ^= acc >> _S33  # fmix64: spreads the polynomial's low-bit structure over all bits
-  acc *= _M1
-  acc ^= acc >> _S33
-  acc *= _M2
-  acc ^= acc >> _S33
-  return acc
+  return fmix64(acc)  # spreads the polynomial's low-bit structure over all bits
 
 
 class NgramIndex:
@@ -291,7 +278,7 @@ class Decontaminate(Stage):
     self._shift = np.uint64(63)
 
   def setup(self) -> None:
-    data_dir = Path(self.config["data_dir"]) if self.config["data_dir"] else default_data_dir()
+    data_dir = Path(self.config["data_dir"]) if self.config["data_dir"] else shared_data_dir()
     self.indexes = [_index(name, data_dir, self.config["n"]) for name in self.eval_sets]
     self.uncovered = {ix.name: ix.uncovered for ix in self.indexes}
     self._build_prefilter()

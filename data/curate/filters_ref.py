@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import pathlib
 import random
 import re
@@ -27,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from data.curate import text as T
-from data.curate.base import Doc, Stage
+from data.curate.base import Doc, Stage, shared_data_dir
 from data.curate.c4 import C4
 from data.curate.fineweb import FineWeb
 from data.curate.gopher import GopherQuality, GopherRepetition
@@ -217,8 +216,7 @@ def web_documents(shared: str | pathlib.Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  default_shared = os.environ.get("SHARED_DATA", pathlib.Path(__file__).resolve().parents[3] / "shared" / "data")
-  parser.add_argument("--shared", default=str(default_shared), help="the shared data folder")
+  parser.add_argument("--shared", default=str(shared_data_dir()), help="the shared data folder")
   parser.add_argument("--n", type=int, default=2000, help="number of sample texts")
   args = parser.parse_args(argv)
   texts = sample_texts(args.shared, args.n)

@@ -22,12 +22,12 @@ from data.shards import build_shards
 from data.tokenizer import Tokenizer, train_tokenizer
 
 
-def tokenize(files: dict[str, list[Path]], out: Path, cfg) -> dict:
+def tokenize(files: dict[str, list[Path]], out: Path, cfg, domains: list[str]) -> dict:
   """Writes `out`/tokenizer.model and `out`/shards/; returns a summary for stats.json."""
   m = cfg.mix
   epochs = parse_weights(m.epochs) if m.epochs else {}
   weights = parse_weights(m.weights) if m.weights else {}
-  empty = sorted(set(cfg_domains(cfg)) - set(files))
+  empty = sorted(set(domains) - set(files))
   for what, values in (("mix.epochs", epochs), ("mix.weights", weights)):
     if set(values) & set(empty):
       raise DataError(f"{what} names domain(s) {sorted(set(values) & set(empty))} that kept no "
@@ -58,7 +58,3 @@ def tokenize(files: dict[str, list[Path]], out: Path, cfg) -> dict:
                   for n, d in manifest["domains"].items()},
       "weights": manifest.get("weights", {}),
   }
-
-
-def cfg_domains(cfg) -> list[str]:
-  return [part.split("=", 1)[0].strip() for part in cfg.sources.split(",") if part.strip()]

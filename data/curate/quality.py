@@ -45,13 +45,13 @@ from typing import Any
 import numpy as np
 
 from data.curate.base import Doc, Stage, register
+from data.curate.minhash import fmix64
 from data.errors import DataError
 
 FORMAT = 1  # bump when the features change, so an old model is refused instead of mis-scoring
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
-_M1, _M2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)  # MurmurHash3 fmix64
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier combining the hashes of an n-gram's words
-_S33, _S63 = np.uint64(33), np.uint64(63)
+_S63 = np.uint64(63)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,21 +73,13 @@ class FeatureConfig:
       raise DataError(f"quality: max_tokens must be >= 1, got {self.max_tokens}")
 
 
-def _fmix64(k: np.ndarray) -> np.ndarray:
-  k = k ^ (k >> _S33)
-  k = k * _M1
-  k = k ^ (k >> _S33)
-  k = k * _M2
-  return k ^ (k >> _S33)
-
-
 def featurize(text: str, cfg: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
   """Sorted bucket indices (int64) and their L2-normalised signed weights (float64)."""
   tokens = _TOKEN_RE.findall(text[:64 * cfg.max_tokens].lower())[:cfg.max_tokens]
   if not tokens:
     return np.zeros(0, np.int64), np.zeros(0, np.float64)
   crc = np.fromiter((zlib.crc32(t.encode("utf-8")) for t in tokens), np.uint64, len(tokens))
-  words = _fmix64(crc + (np.uint64(cfg.hash_seed) << np.uint64(32)))
+  words = fmix64(crc + (np.uint64(cfg.hash_seed) << np.uint64(32)))
   grams = [words]
   for n in range(2, cfg.ngrams + 1):
     m = len(words) - n + 1
@@ -95,7 +87,7 @@ def featurize(text: str, cfg: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
       break
     g = words[:m]
     for k in range(1, n):
-      g = _fmix64(g * _GOLDEN + words[k:k + m])
+      g = fmix64(g * _GOLDEN + words[k:k + m])
     grams.append(g)
   hashes, counts = np.unique(np.concatenate(grams), return_counts=True)
   signed = np.where((hashes >> _S63).astype(bool), -1.0, 1.0) * np.log1p(counts)

@@ -184,7 +184,8 @@ def run_ray(spec: dict, tasks: list[dict], workers: int, desc: str, address: str
   ds = ds.map(_RayWorker, fn_constructor_kwargs={"spec": spec}, concurrency=n, num_cpus=1)
   log.info("%s: %d tasks on ray (%d actors)", desc, len(tasks), n)
   results = [json.loads(r["result"]) for r in ds.take_all()]
-  return sorted(results, key=lambda r: [t["key"] for t in tasks].index(r["key"]))
+  order = {t["key"]: i for i, t in enumerate(tasks)}
+  return sorted(results, key=lambda r: order[r["key"]])
 
 
 class _RayWorker:
@@ -289,7 +290,7 @@ def run(cfg, *, runner: str = "", log_fn: Callable[[str], None] = print) -> dict
   if cfg.mix.tokenize:
     from data.curate import mix
     t0 = time.perf_counter()
-    stats["mix"] = mix.tokenize(final_files, out, cfg)
+    stats["mix"] = mix.tokenize(final_files, out, cfg, domains=list(sources))
     stats["seconds"]["mix"] = time.perf_counter() - t0
   stats["seconds"]["total"] = time.perf_counter() - t_start
   (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
