@@ -43,7 +43,7 @@ def base() -> ConfigDict:
       vocab_size=0,  # 0: the tokenizer's vocab rounded up to a multiple of 128.
       d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=0, d_ff=0,
       activation="swiglu", norm="rmsnorm", norm_placement="pre", norm_eps=1e-5, use_bias=False,
-      qk_norm=False, positions="rope", rope_theta=10_000.0, rope_scaling="none", rope_factor=1.0,
+      qkv_bias=False, qk_norm=False, positions="rope", rope_theta=10_000.0, rope_scaling="none", rope_factor=1.0,
       rope_original_max_len=8192, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
       yarn_beta_fast=32.0, yarn_beta_slow=1.0, max_seq_len=2048, sliding_window=0,
       tie_embeddings=True, dropout=0.0, init_std=0.02, scaled_residual_init=True, scan_layers=True,

@@ -254,3 +254,21 @@ class Tokenizer:
 
   def __repr__(self) -> str:
     return f"Tokenizer({self._name}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def tokenizer_from_meta(meta: dict):
+  """The tokenizer stored in a checkpoint's meta (`model.load.make_meta`): the project's own
+  SentencePiece `Tokenizer`, or, for imported models, a `data.foreign_tokenizer` one."""
+  from data import foreign_tokenizer  # pylint: disable=g-import-not-at-top
+  from model.load import tokenizer_bytes_from_meta  # pylint: disable=g-import-not-at-top
+  data = tokenizer_bytes_from_meta(meta)
+  kind = meta.get("tokenizer_kind", "sentencepiece")
+  special = meta.get("tokenizer_special") or {}
+  if kind == "hf_tokenizers":
+    return foreign_tokenizer.HFTokenizer(data, special)
+  if kind != "sentencepiece":
+    raise DataError(f"checkpoint meta: unknown tokenizer_kind {kind!r}")
+  try:
+    return Tokenizer.from_bytes(data)
+  except DataError:  # an imported SentencePiece model with another project's layout (Llama 2).
+    return foreign_tokenizer.SentencePieceTokenizer(data, special)

@@ -43,7 +43,8 @@ class ModelConfig:
   norm: str = "rmsnorm"
   norm_placement: str = "pre"
   norm_eps: float = 1e-5
-  use_bias: bool = False
+  use_bias: bool = False  # biases on every linear layer (GPT-2; Llama's attention_bias + mlp_bias).
+  qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2); implied by use_bias.
   qk_norm: bool = False
   positions: str = "rope"
   rope_theta: float = 10_000.0

@@ -1,14 +1,24 @@
-"""Loads a trained model's params and config from a run directory for inference.
+"""Loads a trained model's params and config from a run directory for inference (and writes one).
 
     model, meta = model.load.load_model("runs/tiny")              # latest step
     model, meta = model.load.load_model("runs/tiny/checkpoints/400")
+    model.load.save_model("runs/imported", model, meta)           # params-only step 0 (HF import)
 
 Reads only the `params` subtree of the Orbax `state` item (optimizer state stays on disk) and the
 JSON `meta` item (resolved run config, tokenizer model bytes); nothing is unpickled. Params are placed
 on the default device, or into `shardings` when given (a tree like the params).
+
+`meta` is the one description of a checkpoint's non-array contents, written by `make_meta` for both
+training checkpoints (`train/checkpoint.py`) and imported models (`model/hf`): `config` (at least the
+`model` subtree), `vocab_size`, and the tokenizer as opaque bytes with its kind — "sentencepiece" (a
+SentencePiece model proto) or "hf_tokenizers" (a Hugging Face `tokenizer.json`) — plus the special ids
+a foreign tokenizer declares. `data.tokenizer.tokenizer_from_meta` turns them back into a tokenizer.
 """
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
 import json
 import pathlib
 from typing import Any
@@ -47,16 +57,37 @@ def read_meta(step_dir: pathlib.Path) -> dict[str, Any]:
   raise FileNotFoundError(f"no readable meta JSON in {step_dir / 'meta'}")
 
 
+TOKENIZER_KINDS = ("sentencepiece", "hf_tokenizers")
+
+
+def make_meta(config_json: dict, tokenizer_bytes: bytes, vocab_size: int, *,
+              tokenizer_kind: str = "sentencepiece", tokenizer_special: dict | None = None,
+              **extra) -> dict[str, Any]:
+  if tokenizer_kind not in TOKENIZER_KINDS:
+    raise ValueError(f"tokenizer_kind={tokenizer_kind!r} not in {TOKENIZER_KINDS}")
+  return dict(config=config_json, vocab_size=vocab_size, tokenizer_kind=tokenizer_kind,
+              tokenizer_special=dict(tokenizer_special or {}),
+              tokenizer_sha256=hashlib.sha256(tokenizer_bytes).hexdigest(),
+              tokenizer_model_b64=base64.b64encode(tokenizer_bytes).decode("ascii"),
+              jax_version=jax.__version__, **extra)
+
+
+def tokenizer_bytes_from_meta(meta: dict) -> bytes:
+  return base64.b64decode(meta["tokenizer_model_b64"])
+
+
 def model_config_from_meta(meta: dict) -> ModelConfig:
   d = dict(meta["config"]["model"])
   d["remat"] = "none"
   return ModelConfig.from_dict(d)
 
 
-def load_model(path: str | pathlib.Path, *, shardings=None) -> tuple[Transformer, dict]:
+def load_model(path: str | pathlib.Path, *, shardings=None, **overrides) -> tuple[Transformer, dict]:
+  """(model, meta); `overrides` replace model config fields that don't change params (compute_dtype,
+  attention kernel, max_seq_len, scan_layers=False is not one of them: the layout is fixed by the save)."""
   step_dir = find_step_dir(path).absolute()  # Orbax's tensorstore paths must be absolute.
   meta = read_meta(step_dir)
-  cfg = model_config_from_meta(meta)
+  cfg = dataclasses.replace(model_config_from_meta(meta), **overrides)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract, nnx.Param)
   shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
@@ -70,3 +101,22 @@ def load_model(path: str | pathlib.Path, *, shardings=None) -> tuple[Transformer
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
   return nnx.merge(graphdef, restored["params"]), meta
+
+
+def save_model(run_dir: str | pathlib.Path, model: Transformer, meta: dict, *, step: int = 0) -> pathlib.Path:
+  """Writes `model`'s params (no optimizer state) and `meta` as checkpoint `step` of `run_dir`.
+
+  Same layout as a training checkpoint (`checkpoints/<step>/{state,meta}`, state = {"params": ...}),
+  so `load_model`, `train.sample` and the evaluation harness read it unchanged. Refuses to overwrite.
+  """
+  directory = pathlib.Path(run_dir).absolute() / "checkpoints"
+  if (directory / str(step)).exists():
+    raise FileExistsError(f"{directory / str(step)} already exists; choose a new output directory")
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+  with ocp.CheckpointManager(directory, options=options, item_names=("state", "meta")) as manager:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(dict(params=params)),
+                                               meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+  (pathlib.Path(run_dir) / "config.json").write_text(json.dumps(meta["config"], indent=2))
+  return directory / str(step)

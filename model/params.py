@@ -18,8 +18,10 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
   d, h, n, k, f, v = cfg.d_model, cfg.hd, cfg.n_heads, cfg.n_kv_heads, cfg.ff, cfg.vocab_size
   norm = d * (2 if cfg.norm == "layernorm" else 1)
   attn = d * n * h + 2 * d * k * h + n * h * d
+  if cfg.use_bias or cfg.qkv_bias:
+    attn += n * h + 2 * k * h
   if cfg.use_bias:
-    attn += n * h + 2 * k * h + d
+    attn += d
   if cfg.qk_norm:
     attn += 2 * h * (2 if cfg.norm == "layernorm" else 1)
   mlp = (3 if cfg.gated else 2) * d * f

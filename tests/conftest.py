@@ -33,3 +33,26 @@ def shared_data_dir() -> pathlib.Path:
   path = shared_data()
   require(path.is_dir(), f"shared data not found at {path} (set SHARED_DATA)")
   return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> pathlib.Path:
+  """A run directory of the `tiny,smoke` preset trained 20 steps on Tiny Shakespeare paragraphs (one
+  per pytest worker): for tests that need a real checkpoint + tokenizer (export, sampling, evaluation)."""
+  import json
+
+  from train.config import parse_args
+  from train.loop import run
+  src = shared_data() / "text" / "tinyshakespeare.txt"
+  require(src.exists(), f"shared data not found at {src} (set SHARED_DATA)")
+  root = tmp_path_factory.mktemp("tiny_run")
+  corpus = root / "shakespeare.jsonl"
+  with open(corpus, "w") as f:
+    for i, p in enumerate(p for p in src.read_text().split("\n\n") if p.strip()):
+      f.write(json.dumps({"id": f"p{i}", "text": p}) + "\n")
+  os.environ.setdefault("JAXLM_CACHE", str(root / "cache"))
+  cfg, _ = parse_args(["--config=configs/lm.py:tiny,smoke", f"--config.data.sources=text={corpus}",
+                       f"--config.run.dir={root / 'run'}", "--config.train.progress=false",
+                       "--config.checkpoint.async_save=false", "--config.train.steps=20"])
+  run(cfg)
+  return root / "run"

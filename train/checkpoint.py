@@ -10,15 +10,15 @@ target shardings, so a different mesh works), `data` (Grain's per-process iterat
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import pathlib
-from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
+
+# One meta format for training checkpoints and imported models (model/load.py documents it).
+from model.load import make_meta, tokenizer_bytes_from_meta  # noqa: F401  (re-exported)
 
 
 class Checkpointer:
@@ -70,14 +70,3 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def make_meta(config_json: dict, tokenizer_bytes: bytes, vocab_size: int) -> dict[str, Any]:
-  return dict(config=config_json, vocab_size=vocab_size,
-              tokenizer_sha256=hashlib.sha256(tokenizer_bytes).hexdigest(),
-              tokenizer_model_b64=base64.b64encode(tokenizer_bytes).decode("ascii"),
-              jax_version=jax.__version__)
-
-
-def tokenizer_bytes_from_meta(meta: dict) -> bytes:
-  return base64.b64decode(meta["tokenizer_model_b64"])

@@ -77,41 +77,49 @@ def _generate(params, prompts, lengths, key, *, graphdef, max_new_tokens, temper
   return out
 
 
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
-             temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
-  """Completes each prompt; returns the generated text only (prompt excluded, stops at EOS)."""
+def generate_ids(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id: int = 0,
+                 max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0) -> list[list[int]]:
+  """Completes each token-id prompt; returns the new ids of each row, cut before its first EOS."""
   from flax import nnx
-  encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-  lengths = np.array([len(e) for e in encoded], np.int32)
+  lengths = np.array([len(e) for e in prompts], np.int32)
+  if lengths.size == 0 or lengths.min() < 1:
+    raise ValueError("every prompt needs at least one token (e.g. BOS)")
   plen = int(lengths.max())
   cache_len = plen + max_new_tokens
   if cache_len > model.cfg.max_seq_len:
     raise ValueError(f"prompt ({plen} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                      f"context ({model.cfg.max_seq_len})")
-  padded = np.full((len(prompts), plen), tokenizer.pad_id, np.int32)
-  for i, e in enumerate(encoded):
+  padded = np.full((len(prompts), plen), pad_id, np.int32)
+  for i, e in enumerate(prompts):
     padded[i, :len(e)] = e
   graphdef, params = nnx.split(model, nnx.Param)
   ids = _generate(nnx.to_pure_dict(params), jnp.asarray(padded), jnp.asarray(lengths),
                   jax.random.PRNGKey(seed), graphdef=graphdef, max_new_tokens=max_new_tokens,
                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                  eos_id=tokenizer.eos_id, cache_len=cache_len)
-  texts = []
-  for row in np.asarray(ids):
-    row = list(row)
-    if tokenizer.eos_id in row:
-      row = row[:row.index(tokenizer.eos_id)]
-    texts.append(tokenizer.decode(row))
-  return texts
+                  eos_id=eos_id, cache_len=cache_len)
+  out = []
+  for row in np.asarray(ids).tolist():
+    out.append(row[:row.index(eos_id)] if eos_id in row else row)
+  return out
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
+             temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+  """Completes each prompt; returns the generated text only (prompt excluded, stops at EOS)."""
+  encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+  rows = generate_ids(model, encoded, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=seed)
+  return [tokenizer.decode(row) for row in rows]
 
 
 def load_for_inference(path):
   """(model, tokenizer, meta) from a run or step directory; the tokenizer travels in the checkpoint."""
-  from data.tokenizer import Tokenizer
+  from data.tokenizer import tokenizer_from_meta
   from model.load import load_model
-  from train.checkpoint import tokenizer_bytes_from_meta
   model, meta = load_model(path)
-  tokenizer = Tokenizer.from_bytes(tokenizer_bytes_from_meta(meta))
+  tokenizer = tokenizer_from_meta(meta)
   if tokenizer.vocab_size > model.cfg.vocab_size:
     raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's "
                      f"({model.cfg.vocab_size}) in {path}")

@@ -34,7 +34,6 @@ shard gives the same scores whatever the worker count: the batches depend only o
 """
 from __future__ import annotations
 
-import base64
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -61,13 +60,12 @@ class LMScorer:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
 
-    from data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+    from data.tokenizer import tokenizer_from_meta  # pylint: disable=g-import-not-at-top
     from model.load import load_model  # pylint: disable=g-import-not-at-top
 
     try:
       model, meta = load_model(checkpoint)
-      # = train.checkpoint.tokenizer_bytes_from_meta (data/ may not import train/).
-      self.tokenizer = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer_model_b64"]))
+      self.tokenizer = tokenizer_from_meta(meta)
     except (FileNotFoundError, KeyError, ValueError) as e:
       raise DataError(f"perplexity: cannot load a model from checkpoint {checkpoint!r}: {e}") from None
     if self.tokenizer.vocab_size > model.cfg.vocab_size:

@@ -75,10 +75,11 @@ class Attention(nnx.Module):
     self.wo = param(_dense_init(cfg.out_init_std), rngs.params(), (n, h, d), ("q_heads", "head_dim", "embed"),
                     pdt)
     zeros = jax.nn.initializers.zeros
-    if cfg.use_bias:
+    if cfg.use_bias or cfg.qkv_bias:
       self.bq = param(zeros, rngs.params(), (n, h), ("q_heads", "head_dim"), pdt)
       self.bk = param(zeros, rngs.params(), (k, h), ("kv_heads", "head_dim"), pdt)
       self.bv = param(zeros, rngs.params(), (k, h), ("kv_heads", "head_dim"), pdt)
+    if cfg.use_bias:
       self.bo = param(zeros, rngs.params(), (d,), ("embed",), pdt)
     if cfg.qk_norm:
       norm = dict(kind=cfg.norm, eps=cfg.norm_eps, axis_name="head_dim", param_dtype=pdt, rngs=rngs)
@@ -95,7 +96,7 @@ class Attention(nnx.Module):
     q = jnp.einsum("btd,dnh->btnh", x, self._w("wq", dt))
     k = jnp.einsum("btd,dkh->btkh", x, self._w("wk", dt))
     v = jnp.einsum("btd,dkh->btkh", x, self._w("wv", dt))
-    if cfg.use_bias:
+    if cfg.use_bias or cfg.qkv_bias:
       q, k, v = q + self._w("bq", dt), k + self._w("bk", dt), v + self._w("bv", dt)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
