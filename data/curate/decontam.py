@@ -17,7 +17,9 @@ boundary:
     completes the prompt), and the test code;
   * wikitext2_test (text/wikitext2_test.txt, 62 articles): the paragraphs of each article, detokenized
     (" @-@ " -> "-", " @,@ " -> ",", " @.@ " -> ".", spaces before punctuation and clitics removed)
-    and cut at every "<unk>": the original word is unknown, so no n-gram may span it.
+    and cut at every "<unk>": the original word is unknown, so no n-gram may span it;
+  * wikitext2_valid (text/wikitext2_valid.txt, 60 articles): the same for the validation split (not
+    in the stage's default list; `data.contamination` reports on it).
 Eval n-grams in which fewer than half the tokens contain a letter are not indexed: number runs are
 generic (a page-number bar "1 2 3 ... 16" on a real Dolma page shared four 13-grams with the number grid
 in HumanEval/129's tests), and every item keeps plenty of worded n-grams.
@@ -30,12 +32,14 @@ of uncovered items per set is in `uncovered` after `setup()`.
 
 Storage: each token is hashed once (BLAKE2b, 64 bits, stable across processes and Python versions),
 an n-gram's hash is a polynomial over its token hashes (mod 2^64) finished with MurmurHash3's fmix64,
-and each set keeps a sorted uint64 array of its distinct n-gram hashes with, for each, the index of
-the first item that has it: 12 bytes per n-gram, 2.9 MB for the three default sets (244k n-grams:
-GSM8K 144k, HumanEval 18k, WikiText-2 82k), built in `setup()` in ~0.6 s, once per process. A
-document's n-grams first go through a one-hash Bloom filter over all sets (a 4 MB bool array); the few
-that pass are binary-searched (np.searchsorted) in each set. A false hit needs a 64-bit collision:
-~1e-14 per document n-gram. About 2,000 docs/s (14 MB/s) on the real web samples, one core.
+and each set (`NgramIndex`) keeps a sorted uint64 array of its distinct n-gram hashes with, for each,
+the items that have it (CSR: offsets into an item array; n-grams shared by several items are rare:
+14 of GSM8K's 144k, 250 of HumanEval's 18k; see `NgramIndex`): ~20 bytes per n-gram,
+4.9 MB for the three default sets (244k n-grams: GSM8K 144k, HumanEval 18k, WikiText-2 82k), built in
+`setup()` in ~0.6 s, once per process. A document's n-grams first go through a one-hash Bloom filter
+over all sets (a 4 MB bool array; `Matcher`, shared with `data.contamination`); the few that pass are
+binary-searched (np.searchsorted) in each set. A false hit needs a 64-bit collision: ~1e-14 per
+document n-gram. About 2,000 docs/s (14 MB/s) on the real web samples, one core.
 
 Counters (`self.counts`): "docs_contaminated"; per set "docs:<set>" (documents hitting it) and
 "ngrams:<set>" (distinct shared n-grams, summed over documents); with `record_items`,
@@ -88,19 +92,20 @@ def eval_set(name: str) -> Callable[[EvalLoader], EvalLoader]:
 
 def _need(path: Path) -> Path:
   if not path.is_file():
-    raise DataError(f"stage 'decontam': eval file {path} not found (set the stage's data_dir option "
-                    "or $SHARED_DATA to the shared data folder)")
+    raise DataError(f"eval file {path} not found (point $SHARED_DATA, or the decontam stage's "
+                    "data_dir option, at the shared data folder)")
   return path
 
 
-def _jsonl(path: Path) -> Iterator[dict]:
+def iter_jsonl(path: Path) -> Iterator[dict]:
+  """The JSON objects of a JSON-lines file (gzip when named .gz); DataError naming a bad line."""
   opener = gzip.open if path.suffix == ".gz" else open
   with opener(_need(path), "rt", encoding="utf-8") as f:
     for i, line in enumerate(f, 1):
       try:
         yield json.loads(line)
       except json.JSONDecodeError as e:
-        raise DataError(f"stage 'decontam': {path} line {i}: invalid JSON ({e.msg})") from None
+        raise DataError(f"{path} line {i}: invalid JSON ({e.msg})") from None
 
 
 _CALC_RE = re.compile(r"<<[^<>]*>>")
@@ -108,14 +113,14 @@ _CALC_RE = re.compile(r"<<[^<>]*>>")
 
 @eval_set("gsm8k_test")
 def _gsm8k_test(data_dir: Path) -> Iterator[tuple[str, list[str]]]:
-  for i, row in enumerate(_jsonl(data_dir / "math" / "gsm8k_test.jsonl")):
+  for i, row in enumerate(iter_jsonl(data_dir / "math" / "gsm8k_test.jsonl")):
     q, a = row["question"], row["answer"]
     yield str(i), [f"{q}\n{a}", f"{q}\n{_CALC_RE.sub('', a)}"]
 
 
 @eval_set("humaneval")
 def _humaneval(data_dir: Path) -> Iterator[tuple[str, list[str]]]:
-  for row in _jsonl(data_dir / "code" / "humaneval.jsonl.gz"):
+  for row in iter_jsonl(data_dir / "code" / "humaneval.jsonl.gz"):
     yield row["task_id"], [row["prompt"] + row["canonical_solution"], row["test"]]
 
 
@@ -135,10 +140,9 @@ def detokenize_wikitext(line: str) -> str:
   return line.strip()
 
 
-@eval_set("wikitext2_test")
-def _wikitext2_test(data_dir: Path) -> Iterator[tuple[str, list[str]]]:
+def _wikitext2(data_dir: Path, split: str) -> Iterator[tuple[str, list[str]]]:
   title, paragraphs = "", []
-  with open(_need(data_dir / "text" / "wikitext2_test.txt"), encoding="utf-8") as f:
+  with open(_need(data_dir / "text" / f"wikitext2_{split}.txt"), encoding="utf-8") as f:
     for line in f:
       line = line.rstrip("\n")
       heading = _WT_HEADING_RE.match(line)
@@ -150,6 +154,16 @@ def _wikitext2_test(data_dir: Path) -> Iterator[tuple[str, list[str]]]:
         paragraphs.extend(detokenize_wikitext(line).split("<unk>"))
   if paragraphs:
     yield title, paragraphs
+
+
+@eval_set("wikitext2_test")
+def _wikitext2_test(data_dir: Path) -> Iterator[tuple[str, list[str]]]:
+  return _wikitext2(data_dir, "test")
+
+
+@eval_set("wikitext2_valid")
+def _wikitext2_valid(data_dir: Path) -> Iterator[tuple[str, list[str]]]:
+  return _wikitext2(data_dir, "valid")
 
 
 # --- hashing ----------------------------------------------------------------------------------------
@@ -186,10 +200,18 @@ def ngram_hashes(tokens: list[str], n: int) -> np.ndarray:
 
 
 class NgramIndex:
-  """Distinct n-gram hashes of one eval set (sorted) and, for each, the first item that has it."""
+  """Distinct n-gram hashes of one eval set (sorted) and the items that have each.
+
+  `hashes[i]` is held by items `item_owners[starts[i]:starts[i + 1]]` (ascending), `owners[i]` being
+  the first of them. Most n-grams belong to one item, but some items are variants of one another
+  (GSM8K test 418 and 558 are one locker problem asked forwards and backwards, sharing 11 13-grams;
+  HumanEval/56 and /61 are one bracket-matching task with "<>" and "()"; 23 HumanEval tests share a
+  boilerplate line), and a report of which items leaked must name every one that holds a match.
+  """
 
   def __init__(self, name: str, items: Iterator[tuple[str, list[str]]], n: int):
     self.name = name
+    self.n = n
     self.item_ids: list[str] = []
     self.uncovered = 0  # items left with no indexed n-gram
     hashes, owners = [], []
@@ -210,24 +232,52 @@ class NgramIndex:
       hashes.append(g)
       owners.append(np.full(len(g), k, dtype=np.int32))
     if not self.item_ids:
-      raise DataError(f"stage 'decontam': eval set {name!r} has no items")
+      raise DataError(f"eval set {name!r} has no items")
     all_h = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
     all_o = np.concatenate(owners) if owners else np.empty(0, np.int32)
-    # return_index gives each hash's first occurrence, i.e. its lowest item index: deterministic owners.
-    self.hashes, first = np.unique(all_h, return_index=True)
-    self.owners = all_o[first]
+    # Distinct (hash, item) pairs sorted by hash, then item: each hash's first owner is its lowest
+    # item index, so owners are deterministic.
+    order = np.lexsort((all_o, all_h))
+    all_h, all_o = all_h[order], all_o[order]
+    new_hash = np.ones(len(all_h), dtype=bool)
+    new_hash[1:] = all_h[1:] != all_h[:-1]
+    new_pair = new_hash.copy()
+    new_pair[1:] |= all_o[1:] != all_o[:-1]
+    all_h, all_o, new_hash = all_h[new_pair], all_o[new_pair], new_hash[new_pair]
+    self.hashes = all_h[new_hash]
+    self.item_owners = all_o
+    self.starts = np.append(np.flatnonzero(new_hash), len(all_o)).astype(np.int32)
+    self.owners = all_o[self.starts[:-1]]
+
+  def locate(self, grams: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct hashes of `grams` found in this set, index of each one's first owning item, position
+    in `grams` of its first occurrence)."""
+    empty = np.empty(0, np.uint64), np.empty(0, np.int32), np.empty(0, np.int64)
+    if not len(self.hashes) or not len(grams):
+      return empty
+    idx = np.searchsorted(self.hashes, grams)
+    idx[idx == len(self.hashes)] = 0
+    found = np.flatnonzero(self.hashes[idx] == grams)
+    if not len(found):
+      return empty
+    hits, first = np.unique(grams[found], return_index=True)
+    return hits, self.owners[idx[found[first]]], found[first]
 
   def lookup(self, grams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct hashes of `grams` found in this set, indices of their owning items)."""
-    if not len(self.hashes) or not len(grams):
-      return np.empty(0, np.uint64), np.empty(0, np.int32)
-    idx = np.searchsorted(self.hashes, grams)
-    idx[idx == len(self.hashes)] = 0
-    found = self.hashes[idx] == grams
-    if not found.any():
-      return np.empty(0, np.uint64), np.empty(0, np.int32)
-    hits, first = np.unique(grams[found], return_index=True)
-    return hits, self.owners[idx[found][first]]
+    hits, owners, _ = self.locate(grams)
+    return hits, owners
+
+  def items_of(self, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (row of `hits`, item index) pair with that item holding that n-gram; `hits` must be
+    hashes of this set (as `locate` returns them)."""
+    idx = np.searchsorted(self.hashes, hits)
+    lo, hi = self.starts[idx], self.starts[idx + 1]
+    counts = (hi - lo).astype(np.int64)
+    rows = np.repeat(np.arange(len(hits)), counts)
+    # Position j of the flattened ranges: lo of its row plus j minus the row's start in the output.
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, self.item_owners[np.repeat(lo, counts) + offsets]
 
 
 _indexes: dict[tuple[str, str, int], NgramIndex] = {}
@@ -239,6 +289,51 @@ def _index(name: str, data_dir: Path, n: int) -> NgramIndex:
   if key not in _indexes:
     _indexes[key] = NgramIndex(name, EVAL_SETS[name](data_dir), n)
   return _indexes[key]
+
+
+def named_index(name: str, n: int = 13, data_dir: str | Path = "") -> NgramIndex:
+  """The registered eval set `name`'s index (cached per process); data_dir "" = the shared folder."""
+  if name not in EVAL_SETS:
+    raise DataError(f"unknown eval set {name!r}; known: {sorted(EVAL_SETS)}")
+  return _index(name, Path(data_dir) if data_dir else shared_data_dir(), n)
+
+
+class Matcher:
+  """Several sets' NgramIndexes behind one Bloom prefilter: the n-grams of a text each set holds.
+
+  One code path for the `decontam` stage and the contamination report (`data.contamination`).
+  """
+
+  def __init__(self, indexes: list[NgramIndex]):
+    ns = {ix.n for ix in indexes}
+    if len(ns) != 1:
+      raise ValueError(f"indexes built with different n: {sorted(ns)}")
+    self.indexes = list(indexes)
+    self.n = ns.pop()
+    # A one-hash Bloom filter over all sets, 16+ slots per n-gram (<= 6% occupied): nearly every
+    # document n-gram is rejected by one array read instead of a binary search per set (3x faster).
+    total = sum(len(ix.hashes) for ix in self.indexes)
+    bits = min(max(16, (16 * total).bit_length()), 30)
+    self._shift = np.uint64(64 - bits)
+    self._prefilter = np.zeros(1 << bits, dtype=bool)
+    for ix in self.indexes:
+      self._prefilter[ix.hashes >> self._shift] = True
+
+  def find(self, tokens: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{set: `NgramIndex.locate` of the n-grams of `tokens` (positions are token offsets)} for the
+    sets sharing at least one n-gram; `tokens` as `tokenize` gives them."""
+    if len(tokens) < self.n:
+      return {}
+    grams = ngram_hashes(tokens, self.n)
+    where = np.flatnonzero(self._prefilter[grams >> self._shift])
+    if not len(where):
+      return {}
+    out = {}
+    for ix in self.indexes:
+      hits, owners, first = ix.locate(grams[where])
+      if len(hits):
+        out[ix.name] = (hits, owners, where[first])
+    return out
 
 
 @register
@@ -274,40 +369,23 @@ class Decontaminate(Stage):
     self.eval_sets = tuple(dict.fromkeys(sets))  # drop repeats, keep order
     self.indexes: list[NgramIndex] | None = None
     self.uncovered: dict[str, int] = {}
-    self._prefilter = np.zeros(0, dtype=bool)
-    self._shift = np.uint64(63)
+    self.matcher: Matcher | None = None
 
   def setup(self) -> None:
-    data_dir = Path(self.config["data_dir"]) if self.config["data_dir"] else shared_data_dir()
-    self.indexes = [_index(name, data_dir, self.config["n"]) for name in self.eval_sets]
+    self.indexes = [named_index(name, self.config["n"], self.config["data_dir"])
+                    for name in self.eval_sets]
     self.uncovered = {ix.name: ix.uncovered for ix in self.indexes}
-    self._build_prefilter()
-
-  def _build_prefilter(self) -> None:
-    # A one-hash Bloom filter over all sets, 16+ slots per n-gram (<= 6% occupied): nearly every
-    # document n-gram is rejected by one array read instead of a binary search per set (3x faster).
-    total = sum(len(ix.hashes) for ix in self.indexes)
-    bits = min(max(16, (16 * total).bit_length()), 30)
-    self._shift = np.uint64(64 - bits)
-    self._prefilter = np.zeros(1 << bits, dtype=bool)
-    for ix in self.indexes:
-      self._prefilter[ix.hashes >> self._shift] = True
+    self.matcher = Matcher(self.indexes)
 
   def matches(self, text: str) -> dict[str, tuple[int, list[str]]]:
     """{set: (distinct shared n-grams, ids of the items they come from)} for sets with >= min_hits."""
-    if self.indexes is None:
+    if self.matcher is None:
       self.setup()
-    tokens = tokenize(text)
-    if len(tokens) < self.config["n"]:
-      return {}
-    grams = ngram_hashes(tokens, self.config["n"])
-    grams = grams[self._prefilter[grams >> self._shift]]
-    if not len(grams):
-      return {}
     out = {}
+    found = self.matcher.find(tokenize(text))
     for ix in self.indexes:
-      hits, owners = ix.lookup(grams)
-      if len(hits) >= self.config["min_hits"]:
+      if ix.name in found and len(found[ix.name][0]) >= self.config["min_hits"]:
+        hits, owners, _ = found[ix.name]
         out[ix.name] = (len(hits), [ix.item_ids[k] for k in np.unique(owners)])
     return out
 
