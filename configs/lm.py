@@ -85,6 +85,12 @@ def base() -> ConfigDict:
 
   c.checkpoint = ConfigDict(dict(every=200, keep=3, keep_every=0, async_save=True))
 
+  c.eval = ConfigDict(dict(  # train.evaluate tasks run on the live params every `every` steps (0: off).
+      tasks=config_dict.placeholder(tuple),  # e.g. ("wikitext2", "gsm8k"); names in train/evaluate.py.
+      every=0, limit=0,  # limit: first N examples of each task (0: all).
+      batch_size=16, gsm8k_shots=8, humaneval_samples=1,
+      max_gen_toks=0))  # 0: min(256, seq_len / 2).
+
   c.sample = ConfigDict(dict(  # generations written into report.md at the end of a run.
       prompts=("def ", "import ", "The "), max_new_tokens=64, temperature=0.8, top_k=50, top_p=0.95))
   return c

@@ -37,8 +37,9 @@ def shared_data_dir() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> pathlib.Path:
-  """A run directory of the `tiny,smoke` preset trained 20 steps on Tiny Shakespeare paragraphs (one
-  per pytest worker): for tests that need a real checkpoint + tokenizer (export, sampling, evaluation)."""
+  """A run directory of the `tiny,smoke` preset (seq 64, max_seq_len 256) trained 100 steps on Tiny
+  Shakespeare paragraphs, once per pytest worker (~20 s on 2 cores): for tests that need a real
+  checkpoint + tokenizer (scoring, evaluation, lm-eval, export)."""
   import json
 
   from train.config import parse_args
@@ -50,9 +51,10 @@ def tiny_run(tmp_path_factory) -> pathlib.Path:
   with open(corpus, "w") as f:
     for i, p in enumerate(p for p in src.read_text().split("\n\n") if p.strip()):
       f.write(json.dumps({"id": f"p{i}", "text": p}) + "\n")
-  os.environ.setdefault("JAXLM_CACHE", str(root / "cache"))
   cfg, _ = parse_args(["--config=configs/lm.py:tiny,smoke", f"--config.data.sources=text={corpus}",
-                       f"--config.run.dir={root / 'run'}", "--config.train.progress=false",
-                       "--config.checkpoint.async_save=false", "--config.train.steps=20"])
+                       f"--config.run.dir={root / 'run'}", f"--config.data.cache_dir={root / 'cache'}",
+                       "--config.train.progress=false", "--config.checkpoint.async_save=false",
+                       "--config.train.steps=100", "--config.checkpoint.every=100",
+                       "--config.train.eval_every=100", "--config.sample.max_new_tokens=4"])
   run(cfg)
   return root / "run"

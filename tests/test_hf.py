@@ -196,7 +196,7 @@ def test_foreign_sentencepiece_matches_transformers_llama_tokenizer(tmp_path):
 
 def test_imported_run_generates_like_transformers(tmp_path):
   """Import with its tokenizer.json, then greedy text generation through train.sample equals HF generate."""
-  from train.sample import generate, load_for_inference
+  from train.sample import generate, generate_ids, load_for_inference
 
   import model.hf as mh
   hf = _random_hf(_configs()["llama3"], seed=2)
@@ -210,13 +210,15 @@ def test_imported_run_generates_like_transformers(tmp_path):
   prompts = ["ROMEO:", "What light through"]
   texts = generate(model, tok, prompts, max_new_tokens=12, temperature=0.0)
   ref_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "src" / "tokenizer.json"))
-  for prompt, text in zip(prompts, texts):
-    ids = torch.tensor([[1] + ref_tok.encode(prompt, add_special_tokens=False)])
+  encoded = [[1] + ref_tok.encode(p, add_special_tokens=False) for p in prompts]
+  rows = generate_ids(model, encoded, eos_id=1, max_new_tokens=12, temperature=0.0)
+  for ids, row, text in zip(encoded, rows, texts):
     with torch.no_grad():
-      out = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=1, pad_token_id=0)
-    new = out[0, ids.shape[1]:].tolist()
+      out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=1, pad_token_id=0)
+    new = out[0, len(ids):].tolist()
     new = new[:new.index(1)] if 1 in new else new
-    assert tok.encode(text) == new or ref_tok.decode(new) == text
+    assert row == new  # token for token, batched (two prompt lengths) against one-at-a-time HF.
+    assert text == ref_tok.decode(new)
 
 
 def test_cli_errors_are_one_line(tmp_path):

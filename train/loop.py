@@ -8,6 +8,7 @@ is written.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -24,14 +25,19 @@ from tqdm import tqdm
 from data.pipeline import eval_batches, train_iterator
 from data.prepare import from_manifest, parse_weights, prepare
 from data.tokenizer import Tokenizer
+from model.config import ModelConfig
 from model.params import count_params
 from train import flops as flops_lib
 from train import sharding
 from train.checkpoint import Checkpointer, make_meta
+from train.evaluate import evaluate as evaluate_tasks
+from train.evaluate import flat_metrics, format_table
+from train.evaluate import resolve as resolve_task
 from train.config import ConfigError, model_config, resolve, to_json_dict
 from train.metrics import MetricsWriter
 from train.report import write_report
 from train.sample import generate
+from train.scoring import LanguageModel
 from train.state import init_state, make_setup
 from train.step import make_eval_step, make_train_step
 
@@ -71,6 +77,11 @@ def check_same_run(run_dir: pathlib.Path, new: dict) -> None:
   old = json.loads(path.read_text())
   old_flat = {k: v for k, v in _flatten(old).items() if k.split(".")[0] in ("model", "data")}
   new_flat = {k: v for k, v in _flatten(new).items() if k.split(".")[0] in ("model", "data")}
+  # A model field added after the run was made (e.g. model.qkv_bias) matches at its default value.
+  defaults = {f"model.{f.name}": f.default for f in dataclasses.fields(ModelConfig)}
+  for k, v in new_flat.items():
+    if k not in old_flat and k in defaults and v == defaults[k]:
+      old_flat[k] = v
   diff = sorted(k for k in set(old_flat) | set(new_flat)
                 if k not in _RESUME_FREE and old_flat.get(k) != new_flat.get(k))
   if diff:
@@ -167,6 +178,22 @@ def run(cfg: ConfigDict) -> dict:
       ce, nbytes, ntok = ce + float(c), nbytes + float(nb), ntok + float(n)
     return dict(step=step, val_loss=ce / max(ntok, 1), val_bpb=ce / math.log(2) / max(nbytes, 1))
 
+  tasks = tuple(cfg.eval.tasks or ()) if cfg.eval.every else ()
+  for t in tasks:
+    resolve_task(t)  # a typo'd task fails now, not after the first `every` steps.
+
+  def run_tasks(step: int) -> dict:
+    lm = LanguageModel(setup.model(state["params"]), tokenizer, batch_size=cfg.eval.batch_size,
+                       max_len=min(seq_len, model_cfg.max_seq_len))
+    results = evaluate_tasks(lm, tasks, limit=cfg.eval.limit or None, gsm8k_shots=cfg.eval.gsm8k_shots,
+                             humaneval_samples=cfg.eval.humaneval_samples, max_gen_toks=cfg.eval.max_gen_toks,
+                             seed=cfg.run.seed)
+    if is_main:
+      out = run_dir / "eval" / f"step_{step}.json"
+      out.parent.mkdir(parents=True, exist_ok=True)
+      out.write_text(json.dumps(dict(step=step, tasks=results), indent=2))
+    return results
+
   # ---------------------------------------------------------------- loop
   bar = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.train.progress and is_main),
              dynamic_ncols=True, desc="train")
@@ -208,6 +235,11 @@ def run(cfg: ConfigDict) -> dict:
         writer.write(row)
         bar.write(f"step {step}: val_loss {row['val_loss']:.4f}  val_bpb {row['val_bpb']:.4f}")
         last_time = time.time()  # eval time is not training throughput.
+      if tasks and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+        results = run_tasks(step)
+        writer.write(dict(step=step, **flat_metrics(results)))
+        bar.write(f"step {step}: eval\n{format_table(results)}")
+        last_time = time.time()
       if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
         ckpt.save(step, state, data_iter, meta, force=True)
   finally:
