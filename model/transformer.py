@@ -3,6 +3,7 @@
     model = Transformer(ModelConfig(...), rngs=nnx.Rngs(0))
     logits = model(tokens, positions=positions, segment_ids=segment_ids)            # training
     logits, cache = model.decode(tokens, positions=positions, cache=cache)           # KV-cache sampling
+    hidden = model.features(tokens)                  # [B, T, D] final-norm states (reward/value heads)
 
 With `scan_layers=True` the blocks' params are stacked on a leading `layers` axis and applied with
 `jax.lax.scan` (one compiled block instead of n_layers copies: compile time stays flat with depth);
@@ -97,12 +98,19 @@ class Transformer(nnx.Module):
     """tokens [B, T] int → logits [B, T, vocab]. positions default to arange(T)."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits, _ = self._forward(tokens, positions, segment_ids, None, dropout_key)
-    return logits
+    x, _ = self._trunk(tokens, positions, segment_ids, None, dropout_key)
+    return self._logits(x)
+
+  def features(self, tokens, *, positions=None, segment_ids=None, dropout_key=None) -> jax.Array:
+    """tokens [B, T] → final-norm hidden states [B, T, D] (what scalar heads read: reward, value)."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return self._trunk(tokens, positions, segment_ids, None, dropout_key)[0]
 
   def decode(self, tokens, *, positions, cache):
     """One step (or a prefill chunk) with a KV cache from `init_cache`; returns (logits, cache)."""
-    return self._forward(tokens, positions, None, cache, None)
+    x, cache = self._trunk(tokens, positions, None, cache, None)
+    return self._logits(x), cache
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
     cfg = self.cfg
@@ -113,7 +121,7 @@ class Transformer(nnx.Module):
       return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
     return [dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
 
-  def _forward(self, tokens, positions, segment_ids, cache, dropout_key):
+  def _trunk(self, tokens, positions, segment_ids, cache, dropout_key):
     cfg = self.cfg
     cdt = jnp.dtype(cfg.compute_dtype)
     x = jnp.take(self.embed.get_value(), tokens, axis=0).astype(cdt)
@@ -151,7 +159,11 @@ class Transformer(nnx.Module):
         new_cache.append(c)
       cache = None if cache is None else new_cache
 
-    x = self.final_norm(x)
+    return self.final_norm(x), cache
+
+  def _logits(self, x):
+    cfg = self.cfg
+    cdt = jnp.dtype(cfg.compute_dtype)
     if cfg.logits_mult != 1.0:
       # μP readout (mup's MuReadout/MuSharedReadout): logits × mup_output_mult / m, so the readout's
       # Adam updates, which move logits ∝ width, do so by O(1) at every width.
@@ -159,4 +171,4 @@ class Transformer(nnx.Module):
     head = self.embed.get_value().T if cfg.tie_embeddings else self.lm_head.get_value()
     logits = jnp.einsum("btd,dv->btv", x, head.astype(cdt),
                         preferred_element_type=jnp.dtype(cfg.logits_dtype))
-    return constrain(logits, ("batch", "length", "vocab")), cache
+    return constrain(logits, ("batch", "length", "vocab"))
