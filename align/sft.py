@@ -12,7 +12,7 @@ or loss across conversations), and the loss is the mean cross-entropy over assis
 each assistant turn's `<|end|>`, so the model learns to stop. The last `align.val_examples`
 conversations are held out: every `train.eval_every` steps the run reports their loss and samples
 replies to their prompts, counting how many end with `<|end|>` and contain no other control token
-(`format_ok`) — the issue's "≥ 95% of sampled replies end with the end-of-turn token".
+(`ends_with_end`) — the issue's "≥ 95% of sampled replies end with the end-of-turn token".
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from align.rollout import chat_replies
 from align.trainer import Trainer
 from configs.loader import ConfigError, main_guard, parse_args
 from data import chat, sft
 from data.errors import DataError
-from train.sample import generate_ids
 from train.step import cross_entropy
 
 
@@ -48,18 +48,13 @@ def sft_loss(trainer: Trainer, trainable, frozen, batch, key):
   return ce / jnp.maximum(n, 1.0), dict(tokens=n)
 
 
-def reply_format(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, seed: int) -> dict:
-  """Samples a reply per prompt (temperature 0.8, top-p 0.95); fraction that end with <|end|> and hold
-  no other control token."""
-  end = chat.end_id(tokenizer)
-  # generate_ids cuts at the stop id, so a reply stopped early is one that produced <|end|>.
-  rows = generate_ids(model, prompts, eos_id=end, pad_id=tokenizer.pad_id, max_new_tokens=max_new_tokens,
-                      temperature=0.8, top_p=0.95, seed=seed)
-  controls = set(tokenizer.special_ids.values()) | {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
-  ended = [len(r) < max_new_tokens for r in rows]
-  clean = [e and not (set(r) & controls) for e, r in zip(ended, rows)]
-  return dict(ends_with_end=float(np.mean(ended)), format_ok=float(np.mean(clean)),
-              reply_tokens=float(np.mean([len(r) for r in rows])))
+def reply_format(model, tokenizer, prompts: list, *, max_new_tokens: int, seed: int, context: int) -> dict:
+  """Samples a reply per prompt conversation (temperature 0.8, top-p 0.95); the fraction that end with
+  <|end|> and hold no other control token."""
+  replies = chat_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.8,
+                         top_p=0.95, seed=seed, context=context)
+  return dict(ends_with_end=float(np.mean([r.ended for r in replies])),
+              reply_tokens=float(np.mean([len(r.ids) for r in replies])))
 
 
 def run(cfg) -> dict:
@@ -83,8 +78,7 @@ def run(cfg) -> dict:
   print(f"sft: data {counts}; {len(train_convs)} train conversations packed into {n_rows} rows of "
         f"{a.seq_len} ({pack_counts}); {len(val_convs)} held out", file=sys.stderr)
   batches = sft.batches(packed, cfg.train.batch_size, seed=cfg.run.seed, start=trainer.start)
-  val_prompts = [chat.render_prompt(c[:-1], tok) for c in val_convs[:a.sample_replies]]
-  val_prompts = [p[-(a.seq_len - a.max_new_tokens):] for p in val_prompts]
+  val_prompts = [c[:-1] for c in val_convs[:a.sample_replies]]  # each ends with a user turn.
 
   eval_loss = jax.jit(lambda params, batch: cross_entropy(
       trainer.model(params)(batch["inputs"], positions=batch["positions"],
@@ -99,7 +93,8 @@ def run(cfg) -> dict:
       ce, n = ce + float(c), n + float(k)
     row = dict(val_loss=ce / max(n, 1.0))
     if val_prompts:
-      row.update(reply_format(model, tok, val_prompts, max_new_tokens=a.max_new_tokens, seed=cfg.run.seed + step))
+      row.update(reply_format(model, tok, val_prompts, max_new_tokens=a.max_new_tokens,
+                              seed=cfg.run.seed + step, context=a.seq_len))
     return row
 
   return trainer.fit(sft_loss, batches, eval_fn=evaluate)
