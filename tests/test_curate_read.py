@@ -172,7 +172,7 @@ def test_binary_check_does_not_fire_on_one_bad_line(tmp_path):
 
 @pytest.mark.parametrize("name,data", [
     ("empty.jsonl", b""), ("empty.txt", b""), ("empty.warc.gz", b""), ("empty.parquet", b""),
-    ("blank.jsonl", b"\n \n\n"), ("empty_member.jsonl.gz", gzip.compress(b"")),
+    ("blank.jsonl", b"\n \n\n"), ("empty_member.jsonl.gz", gzip.compress(b"", mtime=0)),
 ])
 def test_empty_file_is_one_drop(tmp_path, name, data):
   path = tmp_path / name
