@@ -138,10 +138,11 @@ def critique_pairs(model, tokenizer, prompts: list[list[dict]], principles: list
 
 def rejection_samples(model, tokenizer, task: str, *, n: int, limit: int | None, seed: int,
                       max_new_tokens: int, temperature: float, keep_per_prompt: int) -> tuple[list[dict], dict]:
-  from data.tasks import arithmetic, gsm8k  # pylint: disable=g-import-not-at-top
+  from data.tasks import gsm8k  # pylint: disable=g-import-not-at-top
   if task == "gsm8k":
     problems = gsm8k.load("train", limit=limit)
   elif task == "arithmetic":
+    from data.tasks import arithmetic  # pylint: disable=g-import-not-at-top
     problems = arithmetic.make(limit or 500, seed=seed)
   else:
     raise ConfigError(f"--task={task!r}: known tasks are gsm8k, arithmetic")
