@@ -79,9 +79,10 @@ def make_loss(cfg, reference_free: bool):
   return loss_fn
 
 
-def all_logps(trainer: Trainer, params, arrays: dict, batch_size: int) -> dict[str, np.ndarray]:
-  """Both sides' summed reply log-probs for every pair (batched, jitted once)."""
-  fn = jax.jit(lambda p, b: side_logps(trainer, p, b))
+def all_logps(trainer: Trainer, params, arrays: dict, batch_size: int, fn=None) -> dict[str, np.ndarray]:
+  """Both sides' summed reply log-probs for every pair (batched; pass one `logps_fn(trainer)` to every
+  call so a run compiles it once, not once per call)."""
+  fn = fn or logps_fn(trainer)
   keys = [k for k in arrays if k.split("_")[0] in preference.SIDES and not k.endswith("_len")]
   out: dict[str, list] = {"chosen": [], "rejected": []}
   n = len(arrays["chosen_inputs"])
@@ -94,6 +95,10 @@ def all_logps(trainer: Trainer, params, arrays: dict, batch_size: int) -> dict[s
     for side in out:
       out[side].append(np.asarray(res[side])[:batch_size - short])
   return {side: np.concatenate(v) for side, v in out.items()}
+
+
+def logps_fn(trainer: Trainer):
+  return jax.jit(lambda p, b: side_logps(trainer, p, b))
 
 
 def preference_metrics(cfg, policy: dict, ref: dict | None, arrays: dict) -> dict:
@@ -131,6 +136,8 @@ def run(cfg) -> dict:
     raise ConfigError(f"align.reference={a.reference!r} must be 'cached' or 'online'")
   reference_free = a.loss in REFERENCE_FREE
   trainer = Trainer(cfg)
+  if a.seq_len > trainer.model_cfg.max_seq_len:
+    raise ConfigError(f"align.seq_len={a.seq_len} exceeds the model's max_seq_len={trainer.model_cfg.max_seq_len}")
   pairs, counts = load(a.data, a.limit or None)
   arrays, pack_counts = preference.pair_arrays(pairs, trainer.tokenizer, a.seq_len)
   n = len(arrays["chosen_inputs"])
@@ -141,16 +148,17 @@ def run(cfg) -> dict:
   val = {k: v[-a.val_pairs:] for k, v in arrays.items()}
   print(f"dpo ({a.loss}): {n} pairs ({counts}; {pack_counts}), {a.val_pairs} held out", file=sys.stderr)
 
-  ref_val = None if reference_free else all_logps(trainer, trainer.base_params, val, cfg.train.batch_size)
+  fn = logps_fn(trainer)  # one compile for the reference passes and every evaluation.
+  ref_val = None if reference_free else all_logps(trainer, trainer.base_params, val, cfg.train.batch_size, fn)
   extra = {}
   if not reference_free and a.reference == "cached":
-    ref_train = all_logps(trainer, trainer.base_params, train, cfg.train.batch_size)
+    ref_train = all_logps(trainer, trainer.base_params, train, cfg.train.batch_size, fn)
     extra = dict(ref_chosen=ref_train["chosen"], ref_rejected=ref_train["rejected"])
   frozen = dict(ref=trainer.base_params) if (a.reference == "online" and not reference_free) else {}
 
   def evaluate(t: Trainer, step: int) -> dict:
     params = t.params({k: t.state[k] for k in t.trainable_keys}, t.frozen_base())
-    return preference_metrics(cfg, all_logps(t, params, val, cfg.train.batch_size), ref_val, val)
+    return preference_metrics(cfg, all_logps(t, params, val, cfg.train.batch_size, fn), ref_val, val)
 
   data = batches(train, extra, cfg.train.batch_size, seed=cfg.run.seed, start=trainer.start)
   return trainer.fit(make_loss(cfg, reference_free), data, frozen=frozen, eval_fn=evaluate)

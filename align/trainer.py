@@ -126,8 +126,14 @@ class Trainer:
       raise ConfigError(str(e)) from None
     trainable = jax.tree.map(lambda x, a: jax.device_put(x, self._named(a, x.shape)), trainable, axes,
                              is_leaf=lambda x: not isinstance(x, dict))
-    self.state = dict(trainable, opt_state=self.tx.init(trainable), step=jnp.int32(0),
-                      rng=jax.random.PRNGKey(cfg.run.seed))
+    state = dict(trainable, opt_state=self.tx.init(trainable), step=jnp.int32(0),
+                 rng=jax.random.PRNGKey(cfg.run.seed))
+    # Scalars (step, rng, optimizer counts) start on one device; the step returns them replicated over
+    # the mesh, and that sharding change alone made the second step compile again (~7 s on CPU).
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self.state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, replicated),
+        state)
     self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
     self.start = self.ckpt.latest_step() or 0
     if self.start:
@@ -183,7 +189,11 @@ class Trainer:
                      nonfinite=opt_state.notfinite_count)
       return dict(trainable, opt_state=opt_state, step=state["step"] + 1, rng=rng), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    # Pin the state's shardings (as train/step.py does): left to the compiler, the returned state came
+    # back with equivalent but differently spelled specs (P() for P(None, None)), a second dispatch.
+    shardings = jax.tree.map(lambda x: x.sharding, self.state)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, replicated))
 
   # --- checkpoints ----------------------------------------------------------------------------------
 
