@@ -27,10 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from align import losses
-from align.trainer import Trainer, logps_of
-from configs.loader import ConfigError, main_guard, parse_args
+from align.trainer import Trainer, logps_of, stage_main
+from configs.loader import ConfigError
 from data import preference, sft
-from data.errors import DataError
 
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -165,19 +164,7 @@ def run(cfg) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  def go():
-    cfg, rest = parse_args(list(sys.argv[1:] if argv is None else argv), "configs/align.py:dpo")
-    if rest:
-      raise ConfigError(f"unknown arguments {rest}")
-    try:
-      run(cfg)
-    except DataError:
-      raise
-    except (FileNotFoundError, ValueError) as e:
-      raise ConfigError(str(e)) from None
-    return 0
-
-  return main_guard(go)
+  return stage_main(run, "configs/align.py:dpo", argv)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from align import dpo, losses
-from align.trainer import Trainer, _init_model_config
-from configs.loader import ConfigError, main_guard, parse_args
+from align.trainer import Trainer, _init_model_config, stage_main
+from configs.loader import ConfigError
 from data import preference
-from data.errors import DataError
 from data.tokenizer import tokenizer_from_meta
 from model.load import find_step_dir, load_model
 
@@ -221,19 +220,7 @@ def score(run_dir: str | pathlib.Path, prompts: Sequence, replies: Sequence[str]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  def go():
-    cfg, rest = parse_args(list(sys.argv[1:] if argv is None else argv), "configs/align.py:reward")
-    if rest:
-      raise ConfigError(f"unknown arguments {rest}")
-    try:
-      run(cfg)
-    except DataError:
-      raise
-    except (FileNotFoundError, ValueError) as e:
-      raise ConfigError(str(e)) from None
-    return 0
-
-  return main_guard(go)
+  return stage_main(run, "configs/align.py:reward", argv)
 
 
 if __name__ == "__main__":

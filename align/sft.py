@@ -24,10 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from align.rollout import chat_replies
-from align.trainer import Trainer
-from configs.loader import ConfigError, main_guard, parse_args
+from align.trainer import Trainer, stage_main
+from configs.loader import ConfigError
 from data import chat, sft
-from data.errors import DataError
 from train.step import cross_entropy
 
 
@@ -101,19 +100,7 @@ def run(cfg) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  def go():
-    cfg, rest = parse_args(list(sys.argv[1:] if argv is None else argv), "configs/align.py:sft")
-    if rest:
-      raise ConfigError(f"unknown arguments {rest}")
-    try:
-      run(cfg)
-    except DataError:
-      raise
-    except (FileNotFoundError, ValueError) as e:
-      raise ConfigError(str(e)) from None
-    return 0
-
-  return main_guard(go)
+  return stage_main(run, "configs/align.py:sft", argv)
 
 
 if __name__ == "__main__":

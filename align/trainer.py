@@ -27,7 +27,7 @@ import json
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from configs.loader import ConfigError, to_json_dict
+from configs.loader import ConfigError, main_guard, parse_args, to_json_dict
+from data.errors import DataError
 from data.tokenizer import tokenizer_from_meta
 from model.config import ModelConfig
 from model.load import find_step_dir, load_model, make_meta, model_config_from_meta, read_meta
@@ -289,3 +290,21 @@ def logps_of(trainer: Trainer, params: dict, batch: dict, prefix: str = "") -> t
   logp = (picked - jax.nn.logsumexp(logits, axis=-1)) * mask
   return logp.sum(-1), mask.sum(-1)
 
+
+
+def stage_main(run: Callable[[ConfigDict], Any], default_config: str, argv: Sequence[str] | None = None) -> int:
+  """The command line of a stage: `--config=...` and `--config.<key>=...` overrides, then `run(cfg)`;
+  bad config or data → one `error:` line and exit 2 (`configs.loader.main_guard`)."""
+  def go():
+    cfg, rest = parse_args(list(sys.argv[1:] if argv is None else argv), default_config)
+    if rest:
+      raise ConfigError(f"unknown arguments {rest}")
+    try:
+      run(cfg)
+    except DataError:
+      raise
+    except (FileNotFoundError, ValueError) as e:
+      raise ConfigError(str(e)) from None
+    return 0
+
+  return main_guard(go)
