@@ -8,6 +8,7 @@ no entry point of its own. Each module is one task family:
   * `sandbox`         the sandboxed Python runner behind `humaneval.check` (namespaces, rlimits, timeouts).
   * `multiple_choice` a generic JSONL multiple-choice format (context, choices, gold) for log-likelihood scoring.
   * `heldout`         held-out text (WikiText-2, Tiny Shakespeare) for perplexity, split into articles.
+  * `arithmetic`      templated multi-digit arithmetic in GSM8K's answer format (GRPO demo task).
 
 Datasets live outside the repository, under `shared_data_dir()` (see `../shared/data/README.md`). Bad data
 raises `data.errors.DataError` naming the file and line. Import the submodules directly
