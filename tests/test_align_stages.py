@@ -231,6 +231,24 @@ def test_dpo_step0_accuracy_is_computed_and_exactly_tied(dpo_runs):
     assert step0["val_chosen_logp"] < 0
 
 
+@pytest.mark.parametrize("ref", ["cached", "online"])
+def test_lora_dpo_trains_adapters_against_the_base_reference(ref, tiny_run, tmp_path):
+  """LoRA + DPO: the reference is the frozen base (log 2 at step 1), only adapters train."""
+  run_dir = tmp_path / ref
+  dpo.run(config("dpo", run_dir, tiny_run, *DPO, "--config.train.steps=2", "--config.lora.rank=4",
+                 "--config.optim.peak_lr=1e-3", "--config.checkpoint.every=2", f"--config.align.reference={ref}"))
+  loss = by_step(read_metrics(run_dir), "loss")
+  assert loss[1] == pytest.approx(math.log(2), abs=1e-6) and abs(loss[2] - math.log(2)) > 1e-6
+  state = read_state(run_dir, 2)
+  n_lora, n_opt = size(state["lora"]), size(state["opt_state"])
+  assert 2 * n_lora <= n_opt <= 2 * n_lora + 16, (n_lora, n_opt)
+  from flax import nnx
+  base_model, _ = load_model(tiny_run)
+  base = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(base_model, nnx.Param)))
+  cfg = lora_lib.LoraConfig(rank=4, alpha=16.0, targets=("wq", "wk", "wv", "wo"))
+  assert max_diff(lora_lib.merge(base, state["lora"], cfg), state["params"]) <= 1e-6
+
+
 @pytest.mark.parametrize("name", [n for n in losses.PREFERENCE_LOSSES if n != "dpo"])  # dpo: above.
 def test_each_registered_loss_runs_one_step(name, tiny_run, tmp_path):
   dpo.run(config("dpo", tmp_path / name, tiny_run, *DPO, "--config.train.steps=1", f"--config.align.loss={name}"))
