@@ -40,6 +40,19 @@ def load(spec: str, limit: int | None):
   return preference.load_pairs(spec, limit=limit)
 
 
+def split_pairs(cfg, tokenizer, label: str) -> tuple[dict, dict]:
+  """`align.data` pairs as padded arrays, split into (train, held-out last `align.val_pairs`)."""
+  a = cfg.align
+  pairs, counts = load(a.data, a.limit or None)
+  arrays, pack_counts = preference.pair_arrays(pairs, tokenizer, a.seq_len)
+  n = len(arrays["chosen_inputs"])
+  if n <= a.val_pairs + cfg.train.batch_size:
+    raise ConfigError(f"{n} usable pairs (of {counts['read']} read; {pack_counts['dropped']} dropped): need more "
+                      f"than align.val_pairs + train.batch_size = {a.val_pairs + cfg.train.batch_size}")
+  print(f"{label}: {n} pairs ({counts}; {pack_counts}), {a.val_pairs} held out", file=sys.stderr)
+  return ({k: v[:-a.val_pairs] for k, v in arrays.items()}, {k: v[-a.val_pairs:] for k, v in arrays.items()})
+
+
 def hparams(cfg) -> dict:
   """The config values the chosen loss takes (align.beta, .label_smoothing, .gamma, .tau, .lam)."""
   a = cfg.align
@@ -137,15 +150,7 @@ def run(cfg) -> dict:
   trainer = Trainer(cfg)
   if a.seq_len > trainer.model_cfg.max_seq_len:
     raise ConfigError(f"align.seq_len={a.seq_len} exceeds the model's max_seq_len={trainer.model_cfg.max_seq_len}")
-  pairs, counts = load(a.data, a.limit or None)
-  arrays, pack_counts = preference.pair_arrays(pairs, trainer.tokenizer, a.seq_len)
-  n = len(arrays["chosen_inputs"])
-  if n <= a.val_pairs + cfg.train.batch_size:
-    raise ConfigError(f"{n} usable pairs (of {counts['read']} read; {pack_counts['dropped']} dropped): need more "
-                      f"than align.val_pairs + train.batch_size = {a.val_pairs + cfg.train.batch_size}")
-  train = {k: v[:-a.val_pairs] for k, v in arrays.items()}
-  val = {k: v[-a.val_pairs:] for k, v in arrays.items()}
-  print(f"dpo ({a.loss}): {n} pairs ({counts}; {pack_counts}), {a.val_pairs} held out", file=sys.stderr)
+  train, val = split_pairs(cfg, trainer.tokenizer, f"dpo ({a.loss})")
 
   fn = logps_fn(trainer)  # one compile for the reference passes and every evaluation.
   ref_val = None if reference_free else all_logps(trainer, trainer.base_params, val, cfg.train.batch_size, fn)

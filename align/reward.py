@@ -120,15 +120,7 @@ def run(cfg) -> dict:
   if a.seq_len > model_cfg.max_seq_len:
     raise ConfigError(f"align.seq_len={a.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
   trainer = Trainer(cfg, heads=heads_spec(model_cfg.d_model))
-  pairs, counts = dpo.load(a.data, a.limit or None)
-  arrays, pack_counts = preference.pair_arrays(pairs, trainer.tokenizer, a.seq_len)
-  n = len(arrays["chosen_inputs"])
-  if n <= a.val_pairs + cfg.train.batch_size:
-    raise ConfigError(f"{n} usable pairs (of {counts['read']} read; {pack_counts['dropped']} dropped): need more "
-                      f"than align.val_pairs + train.batch_size = {a.val_pairs + cfg.train.batch_size}")
-  train = {k: v[:-a.val_pairs] for k, v in arrays.items()}
-  val = {k: v[-a.val_pairs:] for k, v in arrays.items()}
-  print(f"reward: {n} pairs ({counts}; {pack_counts}), {a.val_pairs} held out", file=sys.stderr)
+  train, val = dpo.split_pairs(cfg, trainer.tokenizer, "reward")
 
   val_fn = jax.jit(lambda params, head, batch: pair_rewards(trainer.model(params), head, batch))
   keys = _pair_keys()

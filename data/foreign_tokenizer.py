@@ -14,6 +14,7 @@ used between documents and what lm-evaluation-harness prepends for rolling log-l
 """
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 from collections.abc import Iterable, Sequence
@@ -23,7 +24,7 @@ import sentencepiece as spm
 from data.errors import DataError
 
 
-class _Base:
+class _Base(abc.ABC):
   vocab_size: int
   pad_id: int
   bos_id: int
@@ -54,8 +55,9 @@ class _Base:
   def sha256(self) -> str:
     return hashlib.sha256(self._bytes).hexdigest()
 
+  @abc.abstractmethod
   def _encode(self, text: str) -> list[int]:
-    raise NotImplementedError
+    """Ids of `text`, no special tokens added."""
 
 
 def _special_id(special: dict, name: str) -> int | None:

@@ -3,33 +3,18 @@
 Trains one real project tokenizer (vocab 1024) on ~400 KB of Tiny Shakespeare + GSM8K (well under 1 s).
 Run: python -m pytest tests/test_data_chat.py -q
 """
-import json
 
 import pytest
 
-from conftest import require, shared_data
 from data import chat
 from data.errors import DataError
-from data.tokenizer import Tokenizer, train_tokenizer
 
 BOS, SYSTEM, USER, ASSISTANT, END = 1, 4, 5, 6, 7
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-  root = shared_data()
-  shakespeare, gsm = root / "text" / "tinyshakespeare.txt", root / "math" / "gsm8k_train.jsonl"
-  require(shakespeare.exists() and gsm.exists(), f"shared data not found at {root} (set SHARED_DATA)")
-  texts = [shakespeare.read_text()[:200_000]]
-  with open(gsm) as f:
-    for line in f:
-      row = json.loads(line)
-      texts.append(f"{row['question']}\n{row['answer']}")
-      if sum(map(len, texts)) > 400_000:
-        break
-  path = train_tokenizer(texts, 1024, tmp_path_factory.mktemp("tok") / "tok.model", seed=0,
-                         num_threads=1)
-  return Tokenizer.load(path)
+def tok(chat_tokenizer):
+  return chat_tokenizer
 
 
 def turn(role, content):
