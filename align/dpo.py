@@ -5,7 +5,10 @@
         --config.align.reference=online --config.lora.rank=8
 
 `align.loss` picks a registered loss of `align/losses.py`: `dpo` (sigmoid; `label_smoothing` > 0 is
-conservative DPO), `robust` (rDPO), `ipo`, `simpo` and `orpo` (reference-free: no reference pass).
+conservative DPO), `robust` (rDPO), `ipo`, `kto` (each chosen reply desirable, each rejected one
+undesirable; its reference point z0 is the policy/reference KL on mismatched rows, each prompt paired
+with the next pair's chosen reply: `data.preference.mismatched_arrays`), `simpo` and `orpo`
+(reference-free: no reference pass).
 The reference is the init checkpoint. `align.reference=cached` computes its log-probs of every pair
 once before training (one forward per pair instead of one per step); `online` recomputes them in each
 step from the frozen params (what a run with changing data, e.g. iterative DPO, needs).
@@ -60,10 +63,15 @@ def hparams(cfg) -> dict:
   return {k: a[k] for k in names if k in a}
 
 
+def sides_of(arrays: dict) -> tuple[str, ...]:
+  """The row sets present: chosen, rejected, and KTO's mismatched `kl` rows when built."""
+  return tuple(s for s in preference.SIDES + ("kl",) if f"{s}_inputs" in arrays)
+
+
 def side_logps(trainer: Trainer, params, batch: dict) -> dict:
-  """Summed reply log-probs of both sides under `params`, and (for ORPO) the chosen NLL per token."""
+  """Summed reply log-probs of each side under `params`, and their reply token counts."""
   out = {}
-  for side in preference.SIDES:
+  for side in sides_of(batch):
     total, n = logps_of(trainer, params, batch, prefix=f"{side}_")
     out[side] = total
     out[f"{side}_n"] = n
@@ -78,25 +86,27 @@ def make_loss(cfg, reference_free: bool):
     pol = side_logps(trainer, trainer.params(trainable, frozen), batch)
     inputs = dict(policy_chosen=pol["chosen"], policy_rejected=pol["rejected"],
                   chosen_len=batch["chosen_len"], rejected_len=batch["rejected_len"])
+    if name == "kto":
+      inputs["policy_kl"] = pol["kl"]
     if name == "orpo":
       inputs["chosen_nll"] = -pol["chosen"] / jnp.maximum(pol["chosen_n"], 1.0)
     if not reference_free:
       if online:
         ref = side_logps(trainer, frozen["ref"], batch)
-        inputs.update(ref_chosen=ref["chosen"], ref_rejected=ref["rejected"])
       else:
-        inputs.update(ref_chosen=batch["ref_chosen"], ref_rejected=batch["ref_rejected"])
+        ref = {side: batch[f"ref_{side}"] for side in sides_of(batch)}
+      inputs.update({f"ref_{side}": ref[side] for side in sides_of(batch)})
     return losses.preference_loss(name, inputs, **hp)
 
   return loss_fn
 
 
 def all_logps(trainer: Trainer, params, arrays: dict, batch_size: int, fn=None) -> dict[str, np.ndarray]:
-  """Both sides' summed reply log-probs for every pair (batched; pass one `logps_fn(trainer)` to every
+  """Each side's summed reply log-probs for every pair (batched; pass one `logps_fn(trainer)` to every
   call so a run compiles it once, not once per call)."""
   fn = fn or logps_fn(trainer)
-  keys = [k for k in arrays if k.split("_")[0] in preference.SIDES and not k.endswith("_len")]
-  out: dict[str, list] = {"chosen": [], "rejected": []}
+  keys = [k for k in arrays if k.split("_")[0] in sides_of(arrays) and not k.endswith("_len")]
+  out: dict[str, list] = {side: [] for side in sides_of(arrays)}
   n = len(arrays["chosen_inputs"])
   for i in range(0, n, batch_size):
     chunk = {k: arrays[k][i:i + batch_size] for k in keys}
@@ -151,13 +161,15 @@ def run(cfg) -> dict:
   if a.seq_len > trainer.model_cfg.max_seq_len:
     raise ConfigError(f"align.seq_len={a.seq_len} exceeds the model's max_seq_len={trainer.model_cfg.max_seq_len}")
   train, val = split_pairs(cfg, trainer.tokenizer, f"dpo ({a.loss})")
+  if a.loss == "kto":
+    train.update(preference.mismatched_arrays(train))
 
   fn = logps_fn(trainer)  # one compile for the reference passes and every evaluation.
   ref_val = None if reference_free else all_logps(trainer, trainer.base_params, val, cfg.train.batch_size, fn)
   extra = {}
   if not reference_free and a.reference == "cached":
     ref_train = all_logps(trainer, trainer.base_params, train, cfg.train.batch_size, fn)
-    extra = dict(ref_chosen=ref_train["chosen"], ref_rejected=ref_train["rejected"])
+    extra = {f"ref_{side}": v for side, v in ref_train.items()}
   frozen = dict(ref=trainer.base_params) if (a.reference == "online" and not reference_free) else {}
 
   def evaluate(t: Trainer, step: int) -> dict:

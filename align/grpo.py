@@ -242,10 +242,11 @@ def rollouts(trainer: Trainer, cfg, prompts: list[list[int]], targets: list[str]
     k, repeat = k + 1, a.inner_steps
 
 
-def evaluate(trainer: Trainer, cfg, prompts: list[list[int]], targets: list[str], plen: int) -> dict[str, Any]:
-  """Greedy exact match on the held-out problems, in chunks of one rollout batch (the last one padded
-  with copies of the first prompt, so the greedy sampler compiles once)."""
-  tok, chunk = trainer.tokenizer, cfg.align.prompts_per_step * cfg.align.group_size
+def evaluate(trainer: Trainer, cfg, prompts: list[list[int]], targets: list[str], plen: int,
+             chunk: int | None = None) -> dict[str, Any]:
+  """Greedy exact match on the held-out problems, in chunks of one rollout batch (default: the GRPO
+  rollout's rows; the last chunk padded with copies of the first prompt, so the sampler compiles once)."""
+  tok, chunk = trainer.tokenizer, chunk or cfg.align.prompts_per_step * cfg.align.group_size
   model = trainer.current_model()
   replies, stopped = [], []
   for i in range(0, len(prompts), chunk):
@@ -261,10 +262,11 @@ def evaluate(trainer: Trainer, cfg, prompts: list[list[int]], targets: list[str]
 
 def fitting(prompts: list[list[int]], targets: list[str], room: int, what: str):
   """The (prompts, targets) whose prompt leaves max_new_tokens of context; the rest counted on stderr
-  (long GSM8K questions under a small model's context), never silently lost."""
+  (long GSM8K questions under a small model's context), never silently lost. `targets` may be any
+  per-prompt values (PPO passes (conversation, target) pairs)."""
   keep = [i for i, q in enumerate(prompts) if len(q) <= room]
   if len(keep) < len(prompts):
-    print(f"grpo: dropped {len(prompts) - len(keep)} of {len(prompts)} {what} prompts longer than "
+    print(f"align: dropped {len(prompts) - len(keep)} of {len(prompts)} {what} prompts longer than "
           f"max_seq_len - max_new_tokens = {room} tokens", file=sys.stderr)
   return [prompts[i] for i in keep], [targets[i] for i in keep]
 

@@ -83,7 +83,7 @@ def sequence_logps(token_logps, mask):
 # Per-pair inputs, each [B]: summed response log-probs under the policy and the frozen reference,
 # response token counts, and (ORPO) the policy's chosen NLL per token.
 PREFERENCE_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected",
-                   "chosen_len", "rejected_len", "chosen_nll")
+                   "chosen_len", "rejected_len", "chosen_nll", "policy_kl", "ref_kl")
 
 
 def _need(batch: Mapping, key: str, loss: str):
@@ -223,12 +223,29 @@ def orpo_loss(batch: Mapping, *, lam: float = 0.1):
   return loss, metrics
 
 
+def kto_pair_loss(batch: Mapping, *, beta: float = 0.1, lambda_d: float = 1.0, lambda_u: float = 1.0):
+  """KTO on paired data (`kto_loss` below): each chosen reply is a desirable example, each rejected one
+  an undesirable example (Ethayarajh et al. 2024 §4.2 trains on paired data this way), and the reference
+  point z0 comes from `policy_kl` / `ref_kl`, the summed log-probs of mismatched (prompt, reply) rows
+  (`data.preference.mismatched_arrays`)."""
+  policy = jnp.concatenate([_need(batch, "policy_chosen", "kto"), _need(batch, "policy_rejected", "kto")])
+  ref = jnp.concatenate([_need(batch, "ref_chosen", "kto"), _need(batch, "ref_rejected", "kto")])
+  n = batch["policy_chosen"].shape[0]
+  desirable = jnp.arange(2 * n) < n
+  z0 = kto_kl_estimate(_need(batch, "policy_kl", "kto"), _need(batch, "ref_kl", "kto"))
+  loss, metrics = kto_loss(policy, ref, desirable, z0, beta=beta, lambda_d=lambda_d, lambda_u=lambda_u)
+  margins = jax.lax.stop_gradient(beta * ((policy[:n] - ref[:n]) - (policy[n:] - ref[n:])))
+  metrics["rewards/accuracy"] = (margins > 0).astype(_F32).mean()
+  return loss, metrics
+
+
 PREFERENCE_LOSSES: dict[str, Callable] = {
     "dpo": dpo_loss,
     "robust": robust_dpo_loss,
     "ipo": ipo_loss,
     "simpo": simpo_loss,
     "orpo": orpo_loss,
+    "kto": kto_pair_loss,
 }
 
 
@@ -368,6 +385,15 @@ def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95, last_value
                         reverse=True)
   adv = adv.T
   return adv, (adv + values) * mask
+
+
+def whiten(x, mask, eps: float = 1e-8):
+  """(x − mean) / std over the valid tokens of `mask` ([B, T]; population std), 0 elsewhere: PPO's
+  advantage normalization across the batch (TRL's `masked_whiten`, Huang et al. 2024 detail 7). Detached."""
+  x, mask = _const(x), _const(mask)
+  mean = _masked_mean(x, mask)
+  var = _masked_mean(jnp.square(x - mean), mask)
+  return (x - mean) * jax.lax.rsqrt(var + eps) * mask
 
 
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")

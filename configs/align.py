@@ -4,6 +4,8 @@
     python -m align.dpo --config=configs/align.py:dpo --config.init=runs/tiny-sft --config.align.loss=ipo
     python -m align.sft --config=configs/align.py:sft,smoke --config.init=runs/tiny --config.lora.rank=8
     python -m align.grpo --config=configs/align.py:grpo --config.init=runs/tiny-sft --config.align.task=arithmetic
+    python -m align.ppo --config=configs/align.py:ppo --config.init=runs/tiny-sft --config.align.task=hh_rlhf \
+        --config.align.reward_model=runs/tiny-rm
 
 Shared subtrees mirror the pretraining config (`configs/lm.py`): `run`, `optim`, `train`, `mesh`,
 `checkpoint`; `init` names the checkpoint to start from, whose architecture is kept (`model` here only
@@ -16,7 +18,7 @@ from ml_collections import ConfigDict, config_dict
 
 from configs import lm
 
-STAGES = ("sft", "dpo", "reward", "grpo")
+STAGES = ("sft", "dpo", "reward", "grpo", "ppo")
 
 
 def base(stage: str) -> ConfigDict:
@@ -33,6 +35,7 @@ def base(stage: str) -> ConfigDict:
                             max_nonfinite=20, progress=True))
   c.mesh = pre.mesh
   c.checkpoint = pre.checkpoint
+  c.dist = pre.dist
   c.checkpoint.update(dict(every=100, async_save=False))
   c.lora = ConfigDict(dict(rank=0, alpha=16.0, targets=("wq", "wk", "wv", "wo")))
   return c
@@ -57,8 +60,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.align = ConfigDict(dict(
         data="hh_rlhf",  # hh_rlhf | path to JSONL {"prompt"|"messages", "chosen", "rejected"}.
         limit=0, seq_len=512, val_pairs=128,
-        loss="dpo",  # dpo | ipo | robust | simpo | orpo (align/losses.py registry)
+        loss="dpo",  # dpo | ipo | robust | kto | simpo | orpo (align/losses.py registry)
         beta=0.1, label_smoothing=0.0, gamma=0.5, tau=0.1, lam=0.1,
+        lambda_d=1.0, lambda_u=1.0,  # KTO's weights of desirable / undesirable examples.
         reference="cached"))  # cached: reference log-probs computed once; online: every step.
     c.optim.peak_lr = 5e-6
   elif stage == "reward":
@@ -85,9 +89,32 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.optim.update(dict(peak_lr=1e-5, warmup_steps=0, schedule="constant"))
     # batch_size is derived: prompts_per_step × group_size (align.grpo sets it).
     c.train.update(dict(steps=100, batch_size=64, log_every=5, eval_every=25))
+  elif stage == "ppo":
+    c.align = ConfigDict(dict(
+        task="arithmetic",  # arithmetic | gsm8k (verifier rewards) | hh_rlhf (prompts; needs reward_model).
+        reward_model="",  # run dir of `python -m align.reward`: scores replies instead of the task's checker.
+        digits=(1, 2), ops=("+", "-"),  # arithmetic only (as grpo).
+        train_examples=5000,  # prompt pool (hh_rlhf / gsm8k: first N of the file, 0 = all).
+        eval_examples=200,  # held-out prompts: greedy exact match (or mean reward) every eval_every steps.
+        prompts_per_step=32,  # rollouts per step: one reply per prompt.
+        temperature=1.0, top_p=1.0, max_new_tokens=32,
+        ppo_epochs=4,  # optimizer steps per rollout batch (TRL's num_ppo_epochs = 4).
+        clip=0.2, vf_clip=0.2,  # PPO ε for the ratio and the value (TRL: cliprange, cliprange_value).
+        vf_coef=0.1,  # value-loss weight on the shared trunk (TRL's default).
+        kl_coef=0.05,  # β of the per-token −β·KL reward (TRL's PPO default 0.05).
+        gamma=1.0, lam=0.95,  # GAE (TRL's defaults: undiscounted episodes, λ 0.95).
+        whiten=True,  # normalize advantages over the batch's reply tokens.
+        missing_end_penalty=0.0))  # subtracted from the score of a reply cut off before <|end|>.
+    # TRL's PPO default is 3e-6 for billion-parameter models; 4M-parameter ones need ~100× more (see
+    # the GRPO demo's LR notes in align/grpo.py).
+    c.optim.update(dict(peak_lr=1e-5, warmup_steps=0, schedule="constant"))
+    c.train.update(dict(steps=100, batch_size=32, log_every=4, eval_every=20))  # batch_size: derived.
   if "smoke" in args:
     c.train.update(dict(steps=10, batch_size=4, log_every=5, eval_every=5))
-    if stage == "grpo":
+    if stage == "ppo":
+      c.align.update(dict(train_examples=200, eval_examples=8, prompts_per_step=4, max_new_tokens=8,
+                          ppo_epochs=2))
+    elif stage == "grpo":
       c.align.update(dict(train_examples=200, eval_examples=8, prompts_per_step=2, group_size=4,
                           max_new_tokens=8))
       c.train.batch_size = 8

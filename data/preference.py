@@ -86,6 +86,45 @@ def render_side(prompt: Sequence[dict], reply: str, tokenizer) -> tuple[list[int
   return head + tail, [0] * len(head) + [1] * len(tail)
 
 
+def _row(ids: list[int], mask: list[int], seq_len: int) -> tuple[dict[str, list[int]], bool]:
+  """One right-padded next-token row of a rendered sequence, cut from the left (BOS kept) to fit."""
+  truncated = len(ids) > seq_len + 1
+  if truncated:
+    cut = len(ids) - (seq_len + 1)
+    ids, mask = [ids[0]] + ids[1 + cut:], [mask[0]] + mask[1 + cut:]  # keep BOS, drop old context.
+  n = len(ids) - 1
+  pad = seq_len - n
+  return dict(inputs=ids[:-1] + [0] * pad, targets=ids[1:] + [0] * pad, positions=list(range(n)) + [0] * pad,
+              segment_ids=[1] * n + [0] * pad,
+              loss_mask=mask[1:] + [0] * pad), truncated  # mask[t+1]: is targets[t] a reply token?
+
+
+def mismatched_arrays(arrays: dict[str, np.ndarray], side: str = "chosen", shift: int = 1,
+                      prefix: str = "kl_") -> dict[str, np.ndarray]:
+  """Rows pairing each row's prompt with the `side` reply of row (i + shift) mod N, as `<prefix><field>`.
+
+  KTO's reference point z0 = KL(π‖π_ref) is estimated on such mismatched (x, y') pairs (Ethayarajh et
+  al. 2024 §4.1; TRL shifts the completions within a batch). Built from the padded token rows of
+  `pair_arrays`, so no text is re-rendered; a row longer than seq_len loses prompt tokens from the left.
+  """
+  inputs, targets, masks = (arrays[f"{side}_{f}"] for f in ("inputs", "targets", "loss_mask"))
+  n, seq_len = inputs.shape
+  prompts, replies = [], []
+  for i in range(n):
+    length = int(arrays[f"{side}_segment_ids"][i].sum())
+    full = [int(inputs[i, 0])] + targets[i, :length].tolist()  # the rendered ids of row i.
+    first = int(np.argmax(masks[i] > 0)) + 1  # full[first] is the reply's first token.
+    prompts.append(full[:first])
+    replies.append(full[first:])
+  rows: dict[str, list] = {f: [] for f in FIELDS}
+  for i in range(n):
+    reply = replies[(i + shift) % n]
+    row, _ = _row(prompts[i] + reply, [0] * len(prompts[i]) + [1] * len(reply), seq_len)
+    for f in FIELDS:
+      rows[f].append(row[f])
+  return {prefix + f: np.asarray(v, np.int32).reshape(-1, seq_len) for f, v in rows.items()}
+
+
 def pair_arrays(pairs: Sequence[dict[str, Any]], tokenizer, seq_len: int, *, min_prompt: int = 8
                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Rows [N, seq_len] per side (`<side>_<field>`) plus `chosen_len`/`rejected_len` (reply tokens)."""
@@ -102,18 +141,11 @@ def pair_arrays(pairs: Sequence[dict[str, Any]], tokenizer, seq_len: int, *, min
       continue
     truncated = False
     for s, (ids, mask) in sides.items():
-      if len(ids) > seq_len + 1:
-        cut = len(ids) - (seq_len + 1)
-        ids, mask = [ids[0]] + ids[1 + cut:], [mask[0]] + mask[1 + cut:]  # keep BOS, drop old context.
-        truncated = True
-      n = len(ids) - 1
-      pad = seq_len - n
-      rows[f"{s}_inputs"].append(ids[:-1] + [0] * pad)
-      rows[f"{s}_targets"].append(ids[1:] + [0] * pad)
-      rows[f"{s}_positions"].append(list(range(n)) + [0] * pad)
-      rows[f"{s}_segment_ids"].append([1] * n + [0] * pad)
-      rows[f"{s}_loss_mask"].append(mask[1:] + [0] * pad)  # mask[t+1]: is targets[t] a reply token?
+      row, cut = _row(ids, mask, seq_len)
+      for f in FIELDS:
+        rows[f"{s}_{f}"].append(row[f])
       lens[f"{s}_len"].append(reply[s])
+      truncated |= cut
     counts["truncated"] += truncated
     counts["kept"] += 1
   arrays = {k: np.asarray(v, np.int32).reshape(-1, seq_len) for k, v in rows.items()}

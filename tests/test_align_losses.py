@@ -26,8 +26,11 @@ def close(a, b, tol=1e-5):
 PC, PR = [-10.0, -12.0, -8.0], [-11.0, -9.0, -8.5]
 RC, RR = [-10.5, -11.0, -9.0], [-10.0, -10.0, -8.0]
 LC, LR = [4.0, 6.0, 2.0], [5.0, 3.0, 2.0]
+# KTO's mismatched rows (prompt i with reply i+1): policy and reference summed log-probs.
+PKL, RKL = [-20.0, -15.0, -18.0], [-21.0, -15.5, -17.9]  # mean log-ratio (1.0 + 0.5 − 0.1) / 3 = 0.4667
 BATCH = {"policy_chosen": jnp.array(PC), "policy_rejected": jnp.array(PR), "ref_chosen": jnp.array(RC),
-         "ref_rejected": jnp.array(RR), "chosen_len": jnp.array(LC), "rejected_len": jnp.array(LR)}
+         "ref_rejected": jnp.array(RR), "chosen_len": jnp.array(LC), "rejected_len": jnp.array(LR),
+         "policy_kl": jnp.array(PKL), "ref_kl": jnp.array(RKL)}
 # h_i = (pc - rc) - (pr - rr): 0.5 - (-1.0) = 1.5; -1.0 - 1.0 = -2.0; 1.0 - (-0.5) = 1.5
 H = [1.5, -2.0, 1.5]
 
@@ -178,6 +181,37 @@ def test_preference_losses_jit_and_reference_is_frozen():
 
 # ------------------------------------------------------------------------------------------------
 # KTO
+
+
+def test_kto_on_pairs_hand_computed():
+  """Registered `kto`: chosen desirable, rejected undesirable, z0 = max(0, mean(policy_kl − ref_kl))."""
+  beta, ld, lu = 0.1, 1.0, 1.33
+  sig = lambda x: 1 / (1 + math.exp(-x))
+  z0 = max(0.0, sum(p - r for p, r in zip(PKL, RKL)) / 3)
+  rc = [p - r for p, r in zip(PC, RC)]  # 0.5, -1.0, 1.0
+  rr = [p - r for p, r in zip(PR, RR)]  # -1.0, 1.0, -0.5
+  want = (sum(ld - ld * sig(beta * (r - z0)) for r in rc) + sum(lu - lu * sig(beta * (z0 - r)) for r in rr)) / 6
+  loss, m = L.preference_loss("kto", BATCH, beta=beta, lambda_d=ld, lambda_u=lu)
+  close(loss, want)
+  close(m["kto/kl_ref_point"], z0)
+  close(m["rewards/accuracy"], 2 / 3)  # h = 1.5, -2.0, 1.5
+  assert L.preference_hparams("kto") == {"beta": 0.1, "lambda_d": 1.0, "lambda_u": 1.0}
+  # z0 is clipped at 0 and detached: no gradient reaches the mismatched rows.
+  g = jax.grad(lambda b: L.preference_loss("kto", b)[0])(BATCH)
+  assert np.all(g["policy_kl"] == 0) and np.all(g["ref_kl"] == 0) and np.all(g["ref_chosen"] == 0)
+  assert np.all(np.asarray(g["policy_chosen"]) < 0) and np.all(np.asarray(g["policy_rejected"]) > 0)
+  with pytest.raises(ValueError, match="needs batch\\['policy_kl'\\]"):
+    L.preference_loss("kto", {k: v for k, v in BATCH.items() if k != "policy_kl"})
+
+
+def test_whiten_over_masked_tokens():
+  x = jnp.array([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -7.0, -7.0]])
+  mask = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]], jnp.float32)
+  valid = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+  want = np.zeros((2, 4))
+  want[0, :3] = (valid[:3] - valid.mean()) / valid.std()
+  want[1, :2] = (valid[3:] - valid.mean()) / valid.std()
+  close(L.whiten(x, mask), want)
 
 
 def test_kto_both_branches_and_detached_reference_point():

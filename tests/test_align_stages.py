@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO
-from align import dpo, losses, reward, sft
+from align import dpo, losses, ppo, reward, sft
 from align import lora as lora_lib
 from align.trainer import Trainer
 from configs.loader import ConfigError, parse_args
@@ -260,6 +260,8 @@ def test_each_registered_loss_runs_one_step(name, tiny_run, tmp_path):
     assert loss == pytest.approx(math.log(2), abs=1e-6)
   elif name == "ipo":  # (h − 1/(2τ))² with h = 0, τ = 0.1.
     assert loss == pytest.approx(25.0, rel=1e-6)
+  elif name == "kto":  # policy == reference: r = z0 = 0, so each example loses λ − λσ(0) = 0.5.
+    assert loss == pytest.approx(0.5, abs=1e-6) and rows[1]["kto/kl_ref_point"] == 0.0
   else:  # reference-free: the step-0 accuracy is on length-normalized log-probs, not a tie.
     assert rows[0]["val_margin"] != 0.0 and 0.0 <= rows[0]["val_accuracy"] <= 1.0
 
@@ -314,6 +316,45 @@ def test_reward_score_matches_training(reward_run, tiny_run):
   assert as_text[0] != as_text[1]
   with pytest.raises(ValueError, match="2 prompts but 1 replies"):
     rm(["a", "b"], ["c"])
+
+
+def test_ppo_scores_rollouts_with_the_reward_model(reward_run, tiny_run, tmp_path, monkeypatch):
+  """PPO on HH-RLHF prompts: each rollout reply is scored by the trained reward model (minus the
+  missing-<|end|> penalty), the held-out evaluation reports its mean reward."""
+  calls = []
+  make_scorer = ppo.make_scorer
+
+  def spy(cfg, tokenizer):
+    scorer = make_scorer(cfg, tokenizer)
+    def wrapped(convs, replies, stopped, targets):
+      out = scorer(convs, replies, stopped, targets)
+      calls.append((convs, replies, stopped, out))
+      return out
+    return wrapped
+
+  monkeypatch.setattr(ppo, "make_scorer", spy)
+  run_dir = tmp_path / "ppo"
+  summary = ppo.run(config("ppo", run_dir, tiny_run, "--config.align.task=hh_rlhf",
+                           f"--config.align.reward_model={reward_run}", "--config.align.train_examples=40",
+                           "--config.align.eval_examples=4", "--config.align.missing_end_penalty=0.5",
+                           "--config.train.steps=2", "--config.train.eval_every=2", "--config.checkpoint.every=0",
+                           "--config.train.log_every=1"))
+  assert summary["steps"] == 2
+  rm = reward.load_reward_model(reward_run)
+  _, tok, _ = load_for_inference(tiny_run)
+  end = tok.special_ids["<|end|>"]
+  assert len(calls) == 3  # eval at step 0, one rollout (2 epochs), eval at step 2
+  for convs, replies, stopped, out in calls:
+    assert all(c[-1]["role"] == "user" for c in convs)
+    texts = [tok.decode([t for t in r]) for r in replies]
+    ended = np.array([s and not set(r) & set(tok.special_ids.values()) for r, s in zip(replies, stopped)])
+    np.testing.assert_array_equal(out["ended"], ended.astype(np.float32))
+    np.testing.assert_allclose(out["score"], rm(convs, texts) - 0.5 * (1 - ended), rtol=1e-5, atol=1e-6)
+    assert end not in [t for r in replies for t in r]
+  rows = read_metrics(run_dir)
+  assert sorted(by_step(rows, "eval_reward")) == [0, 2]
+  assert by_step(rows, "eval_reward")[0] == pytest.approx(float(calls[0][3]["score"].mean()))
+  assert by_step(rows, "score")[1] == pytest.approx(float(calls[1][3]["score"].mean()))
 
 
 def test_score_needs_a_reward_head(tiny_run):

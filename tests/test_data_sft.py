@@ -257,3 +257,34 @@ def test_batches_straddle_epochs_and_errors():
     sft.batches(packed, 6, seed=0)
   with pytest.raises(DataError, match="all \\[rows, seq_len\\]"):
     sft.batches({"inputs": np.zeros((3, 4)), "targets": np.zeros((2, 4))}, 1, seed=0)
+
+
+# --- preference rows ---------------------------------------------------------------------------------
+
+def test_mismatched_rows_pair_each_prompt_with_the_next_reply(tok):
+  from data import preference
+  pairs = [dict(prompt=[turn("user", f"question number {i}?" + " and more words" * (6 if i == 0 else 0))],
+                chosen=f"answer {i} " * (2 * i + 1), rejected="no") for i in range(3)]
+  arrays, counts = preference.pair_arrays(pairs, tok, seq_len=48)
+  assert counts["kept"] == 3, [len(preference.render_side(p["prompt"], p["chosen"], tok)[0]) for p in pairs]
+  kl = preference.mismatched_arrays(arrays)
+  assert set(kl) == {f"kl_{f}" for f in preference.FIELDS}
+  fits = []
+  for i in range(3):
+    j = (i + 1) % 3
+    prompt, _ = preference.render_side(pairs[i]["prompt"], "x", tok)
+    prompt = prompt[:-len(tok.encode("x")) - 1]  # the rendered prompt alone, header included
+    ids, mask = preference.render_side(pairs[i]["prompt"], pairs[j]["chosen"], tok)
+    assert ids[:len(prompt)] == prompt
+    n = int(kl["kl_segment_ids"][i].sum())
+    fits.append(len(ids) <= 49)
+    if fits[-1]:  # fits: the exact rendering of (prompt i, reply i+1)
+      assert n == len(ids) - 1
+      assert kl["kl_inputs"][i, :n].tolist() == ids[:-1] and kl["kl_targets"][i, :n].tolist() == ids[1:]
+      assert kl["kl_loss_mask"][i, :n].tolist() == mask[1:]
+      assert kl["kl_positions"][i, :n].tolist() == list(range(n))
+    # Always: the masked targets are exactly reply j and its <|end|>, after a BOS-first prompt.
+    reply = tok.encode(pairs[j]["chosen"]) + [chat.end_id(tok)]
+    assert kl["kl_targets"][i][kl["kl_loss_mask"][i] > 0].tolist() == reply
+    assert kl["kl_inputs"][i, 0] == tok.bos_id and not kl["kl_loss_mask"][i, n:].any()
+  assert any(fits) and not all(fits)  # both the exact and the left-truncated case ran
