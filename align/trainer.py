@@ -299,6 +299,8 @@ def stage_main(run: Callable[[ConfigDict], Any], default_config: str, argv: Sequ
     cfg, rest = parse_args(list(sys.argv[1:] if argv is None else argv), default_config)
     if rest:
       raise ConfigError(f"unknown arguments {rest}")
+    from train import distributed
+    distributed.initialize(cfg.get("dist"))  # multi-host start-up; no-op for one process.
     try:
       run(cfg)
     except DataError:

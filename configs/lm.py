@@ -19,6 +19,11 @@ are TinyLlama-1.1B, Llama-2-7B and Llama-2-70B and match their published counts 
 
 `smoke` (comma-added, e.g. `125m,smoke`) keeps a preset's architecture choices but shrinks widths,
 depth, sequence, batch and steps so it trains in seconds on CPU.
+
+`moe` (e.g. `tiny,moe` or `tiny,moe,smoke`) turns every MLP into 8 experts of the same width, top-2
+softmax routing renormalized (Mixtral), capacity factor 1.25 (tokens past capacity are dropped), aux
+loss 0.01 and router z-loss 1e-3: tiny,moe has 19.4M params, 6.4M active per token. Expert parallelism is a mesh
+override, e.g. `python -m train --config=configs/lm.py:tiny,moe --config.mesh.expert=4`.
 """
 from __future__ import annotations
 
@@ -49,7 +54,11 @@ def base() -> ConfigDict:
       tie_embeddings=True, dropout=0.0, init_std=0.02, scaled_residual_init=True, scan_layers=True,
       attention="xla", param_dtype="float32", compute_dtype="bfloat16", logits_dtype="float32",
       mup_base_width=0,  # 0: standard parametrization; w: μP with width multiplier d_model / w.
-      mup_output_mult=1.0))
+      mup_output_mult=1.0,
+      # Mixture of experts (model/layers/moe.py, fields documented in model/config.py); 0: dense.
+      n_experts=0, experts_per_token=2, moe_router="softmax", moe_renormalize=True, capacity_factor=0.0,
+      n_shared_experts=0, moe_d_ff=0, moe_every=1, moe_aux_weight=0.01, moe_z_weight=1e-3,
+      moe_bias_rate=1e-3))
 
   c.data = ConfigDict(dict(
       sources="",  # "": the embedded Python-stdlib corpus; else "domain=glob,domain2=glob2".
@@ -68,22 +77,30 @@ def base() -> ConfigDict:
       name="adamw", peak_lr=3e-4, schedule="cosine",  # cosine | wsd | constant
       warmup_steps=100, final_lr_frac=0.1,  # floor of cosine / end of wsd decay, as a fraction of peak.
       decay_frac=0.2,  # wsd: fraction of steps spent in the final linear decay.
-      weight_decay=0.1, clip=1.0, b1=0.9, b2=0.95, eps=1e-8))
+      weight_decay=0.1, clip=1.0, b1=0.9, b2=0.95, eps=1e-8,
+      offload=False))  # true: optimizer moments in pinned host memory between steps (train/state.py).
 
   c.train = ConfigDict(dict(
       steps=1000, batch_size=32,  # global sequences per optimizer step.
       grad_accum=1, log_every=10, eval_every=200, eval_batches=8,
-      remat="none",  # none | full | save_dots
+      remat="none",  # none | full | save_dots | offload (save_dots' activations kept in host memory)
+      microbatches=1,  # pipeline (mesh.stage > 1) micro-batches M: bubble (stages-1)/(M+stages-1).
       z_loss=1e-4,  # PaLM's auxiliary log(Z)^2 weight: keeps the softmax normalizer near 1.
       max_nonfinite=20,  # abort after this many consecutive skipped (non-finite) updates.
       progress=True))
 
   c.mesh = ConfigDict(dict(
-      data=-1, fsdp=1, tensor=1,  # -1 fills the remaining devices.
+      data=-1, stage=1, fsdp=1, expert=1, sequence=1, tensor=1,  # -1 fills the remaining devices.
       rules=config_dict.placeholder(tuple),  # ((logical, mesh_axes), ...) prepended to the default table.
+      zero1=False,  # ZeRO-1: optimizer state also split over `data` (params, grads replicated there).
   ))
 
   c.checkpoint = ConfigDict(dict(every=200, keep=3, keep_every=0, async_save=True))
+
+  c.dist = ConfigDict(dict(  # multi-host start-up, train/distributed.py; all unset: detected or one process.
+      coordinator="",  # "host:port" of process 0 ("": $JAXLM_COORDINATOR, or the detected cluster's).
+      num_processes=0, process_id=-1,  # 0 / -1: $JAXLM_NUM_PROCESSES / $JAXLM_PROCESS_ID, or detected.
+      cluster="auto"))  # auto | none | slurm | gcetpu | gketpu | k8s | ompi | mpi4py
 
   c.eval = ConfigDict(dict(  # train.evaluate tasks run on the live params every `every` steps (0: off).
       tasks=config_dict.placeholder(tuple),  # e.g. ("wikitext2", "gsm8k"); names in train/evaluate.py.
@@ -99,9 +116,10 @@ def base() -> ConfigDict:
 def get_config(arg: str | None = None) -> ConfigDict:
   args = [a for a in (arg or "tiny").split(",") if a]
   size = next((a for a in args if a in SIZES), "tiny")
-  unknown = [a for a in args if a not in SIZES and a != "smoke"]
+  unknown = [a for a in args if a not in SIZES and a not in ("smoke", "moe")]
   if unknown:
-    raise ValueError(f"configs/lm.py: unknown preset args {unknown}; sizes {sorted(SIZES)} and 'smoke'")
+    raise ValueError(f"configs/lm.py: unknown preset args {unknown}; sizes {sorted(SIZES)}, 'moe' and "
+                     "'smoke'")
   c = base()
   d, layers, heads, kv, ff, vocab, tie = SIZES[size]
   c.run.name = size
@@ -141,4 +159,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.checkpoint.every = 10
     c.mesh.update(dict(data=-1, fsdp=1))
     c.sample.max_new_tokens = 16
+
+  if "moe" in args:
+    c.run.name += "-moe"
+    c.model.update(dict(n_experts=8, experts_per_token=2, moe_router="softmax", moe_renormalize=True,
+                        capacity_factor=1.25))
   return c

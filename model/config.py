@@ -26,8 +26,9 @@ NORMS = ("rmsnorm", "layernorm")
 NORM_PLACEMENTS = ("pre", "post")
 POSITIONS = ("rope", "alibi", "learned", "sinusoidal", "none")
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
-REMAT_POLICIES = ("none", "full", "save_dots")
+REMAT_POLICIES = ("none", "full", "save_dots", "offload")  # model/transformer.py
 DTYPES = ("float32", "bfloat16", "float16")
+MOE_ROUTERS = ("softmax", "sigmoid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,18 @@ class ModelConfig:
   logits_dtype: str = "float32"
   mup_base_width: int = 0  # 0: standard parametrization; w > 0: μP with width multiplier d_model / w.
   mup_output_mult: float = 1.0  # μP: logits × mup_output_mult / m (tuned at base width, then transferred).
+  # Mixture of experts (model/layers/moe.py); n_experts = 0: a dense MLP in every layer.
+  n_experts: int = 0
+  experts_per_token: int = 2  # k of top-k routing.
+  moe_router: str = "softmax"  # softmax (Switch, Mixtral) | sigmoid + selection bias (DeepSeek-V3).
+  moe_renormalize: bool = True  # the k routing weights sum to 1 (Mixtral, DeepSeek-V3); Switch: false.
+  capacity_factor: float = 0.0  # 0: dropless; c > 0: an expert takes ceil(k·T·c / E) tokens per sequence.
+  n_shared_experts: int = 0  # DeepSeekMoE always-on experts: one MLP of width n_shared_experts · moe_ff.
+  moe_d_ff: int = 0  # hidden width of one expert; 0: the dense `ff`.
+  moe_every: int = 1  # layer i (0-based) is MoE when (i + 1) % moe_every == 0; scan_layers needs 1.
+  moe_aux_weight: float = 0.01  # Switch load-balancing loss weight α (Fedus et al. 2021, §2.2).
+  moe_z_weight: float = 1e-3  # router z-loss weight (Zoph et al. 2022, ST-MoE eq. 5).
+  moe_bias_rate: float = 1e-3  # sigmoid router: bias update speed γ per step (DeepSeek-V3 §2.1.2).
 
   def __post_init__(self):
     def check(ok: bool, msg: str):
@@ -96,6 +109,24 @@ class ModelConfig:
     check(self.mup_output_mult > 0, f"mup_output_mult must be positive, got {self.mup_output_mult}")
     check(self.mup or self.mup_output_mult == 1.0,
           f"mup_output_mult={self.mup_output_mult} has no effect without μP; set mup_base_width > 0")
+    check(self.n_experts >= 0, f"n_experts must be >= 0 (0 = dense MLP), got {self.n_experts}")
+    if self.n_experts:
+      check(1 <= self.experts_per_token <= self.n_experts,
+            f"experts_per_token={self.experts_per_token} must be in [1, n_experts={self.n_experts}]")
+      check(self.moe_router in MOE_ROUTERS, f"moe_router={self.moe_router!r} not in {MOE_ROUTERS}")
+      # Renormalizing one weight makes it 1.0: the router would learn from the aux losses alone.
+      check(not (self.moe_renormalize and self.experts_per_token == 1),
+            "moe_renormalize with experts_per_token=1 sets every routing weight to 1 (no router "
+            "gradient); set moe_renormalize=false (Switch Transformer)")
+      check(self.capacity_factor >= 0,
+            f"capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
+      for name in ("n_shared_experts", "moe_d_ff", "moe_aux_weight", "moe_z_weight", "moe_bias_rate"):
+        check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+      check(self.moe_every >= 1, f"moe_every must be >= 1, got {self.moe_every}")
+      check(not (self.scan_layers and self.moe_every != 1),
+            f"moe_every={self.moe_every} mixes MoE and dense layers, which scan_layers cannot stack; "
+            "set scan_layers=false or moe_every=1")
+      check(not self.use_bias, "use_bias is not supported with MoE experts (n_experts > 0)")
 
   @property
   def hd(self) -> int:
@@ -109,6 +140,18 @@ class ModelConfig:
       # 2/3 of 4*d keeps params equal to a 4*d non-gated MLP (LLaMA); round up to 64 for MXU tiles.
       return 64 * -(-int(8 * self.d_model / 3) // 64)
     return 4 * self.d_model
+
+  @property
+  def moe_ff(self) -> int:
+    """Hidden width of one expert."""
+    return self.moe_d_ff or self.ff
+
+  def is_moe_layer(self, i: int) -> bool:
+    return self.n_experts > 0 and (i + 1) % self.moe_every == 0
+
+  @property
+  def n_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
   @property
   def gated(self) -> bool:

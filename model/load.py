@@ -28,6 +28,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from model.config import ModelConfig
+from model.quantize import MODES as QUANT_MODES
+from model.quantize import quantize_model, quantized_params
 from model.transformer import Transformer
 
 
@@ -82,9 +84,13 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
   return ModelConfig.from_dict(d)
 
 
-def load_model(path: str | pathlib.Path, *, shardings=None, **overrides) -> tuple[Transformer, dict]:
+def load_model(path: str | pathlib.Path, *, shardings=None, quantize: str | None = None,
+               **overrides) -> tuple[Transformer, dict]:
   """(model, meta); `overrides` replace model config fields that don't change params (compute_dtype,
-  attention kernel, max_seq_len, scan_layers=False is not one of them: the layout is fixed by the save)."""
+  attention kernel, max_seq_len, scan_layers=False is not one of them: the layout is fixed by the save).
+  `quantize="int8"|"int4"`: weight-only quantization of the restored params (`model.quantize`)."""
+  if quantize is not None and quantize not in QUANT_MODES:
+    raise ValueError(f"quantize={quantize!r} not in {QUANT_MODES}")
   step_dir = find_step_dir(path).absolute()  # Orbax's tensorstore paths must be absolute.
   meta = read_meta(step_dir)
   cfg = dataclasses.replace(model_config_from_meta(meta), **overrides)
@@ -100,7 +106,8 @@ def load_model(path: str | pathlib.Path, *, shardings=None, **overrides) -> tupl
     restored = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
-  return nnx.merge(graphdef, restored["params"]), meta
+  model = nnx.merge(graphdef, restored["params"])
+  return (quantize_model(model, quantize) if quantize else model), meta
 
 
 def save_model(run_dir: str | pathlib.Path, model: Transformer, meta: dict, *, step: int = 0) -> pathlib.Path:
@@ -109,6 +116,9 @@ def save_model(run_dir: str | pathlib.Path, model: Transformer, meta: dict, *, s
   Same layout as a training checkpoint (`checkpoints/<step>/{state,meta}`, state = {"params": ...}),
   so `load_model`, `train.sample` and the evaluation harness read it unchanged. Refuses to overwrite.
   """
+  if quantized_params(model):
+    raise ValueError("save_model: the model is quantized; save the full-precision model and quantize at "
+                     "load (load_model(path, quantize=...))")
   directory = pathlib.Path(run_dir).absolute() / "checkpoints"
   if (directory / str(step)).exists():
     raise FileExistsError(f"{directory / str(step)} already exists; choose a new output directory")

@@ -76,7 +76,7 @@ def test_tokenizer_bigger_than_model_vocab_is_an_error():
 # ------------------------------------------------------------------ sharding rules
 
 def _mesh(data, fsdp, tensor):
-  devs = np.asarray(jax.devices()[:data * fsdp * tensor]).reshape(data, fsdp, tensor)
+  devs = np.asarray(jax.devices()[:data * fsdp * tensor]).reshape(data, 1, fsdp, 1, 1, tensor)
   return Mesh(devs, sharding.MESH_AXES)
 
 
@@ -96,7 +96,8 @@ def test_rules_use_each_mesh_axis_once_and_replicate_indivisible_dims():
 
 def test_make_mesh_fills_and_validates():
   cfg = ConfigDict(dict(data=-1, fsdp=2, tensor=1, rules=None))
-  assert dict(sharding.make_mesh(cfg).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert dict(sharding.make_mesh(cfg).shape) == {"data": 4, "stage": 1, "fsdp": 2, "expert": 1, "sequence": 1,
+                                                 "tensor": 1}
   with pytest.raises(ValueError, match="needs"):
     sharding.make_mesh(ConfigDict(dict(data=3, fsdp=1, tensor=1, rules=None)))
 

@@ -19,6 +19,8 @@ def main(argv=None) -> int:
     if rest:
       from train.config import ConfigError
       raise ConfigError(f"unknown arguments: {' '.join(rest)} (config keys are --config.section.key=value)")
+    from train import distributed
+    distributed.initialize(cfg.get("dist"))  # before anything touches a device; no-op for one process.
     from train.loop import run
     run(cfg)
     return 0

@@ -3,15 +3,21 @@
     python -m train.bench --config=configs/lm.py:tiny
     python -m train.bench --config=configs/lm.py:125m --config.train.batch_size=4 --config.data.seq_len=512
     python -m train.bench --config=configs/lm.py:350m --steps=20          # on a GPU/TPU
+    python -m train.bench --config=configs/lm.py:tiny,smoke --mesh="data=8;data=2,fsdp=4;fsdp=4,tensor=2"
 
 Times the real jitted step (same sharding, donation, optimizer) on random tokens, so the figure is the
 model+optimizer cost without the input pipeline. Compilation and `--warmup` steps are excluded; the
 timed steps end with `block_until_ready`. Prints {"bench", "setup", "device", "jax", "commit",
 "tokens_per_s", "step_time_s", "flops_per_token", "achieved_tflops", "mfu", "params", ...}.
+
+`--mesh` compares layouts of the same model and batch: `;`-separated layouts of `axis=size` pairs
+(unnamed axes are 1, one axis may be -1), one JSON line each, with `mesh` and `relative_throughput`
+(tokens/s over the first layout's).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -78,6 +84,44 @@ def bench(cfg, *, steps: int, warmup: int, vocab: int) -> dict:
               loss_last=float(m["loss"]))
 
 
+def parse_layouts(text: str) -> list[dict[str, int]]:
+  """"data=2,fsdp=4;fsdp=8" -> [{"data": 2, "fsdp": 4}, {"fsdp": 8}] (ConfigError naming a bad part)."""
+  layouts = []
+  for part in (p.strip() for p in text.split(";")):
+    if not part:
+      continue
+    layout = {}
+    for item in part.split(","):
+      axis, sep, size = item.strip().partition("=")
+      if not sep or axis not in sharding.MESH_AXES or not size.strip().lstrip("-").isdigit():
+        raise ConfigError(f"--mesh: bad layout item {item.strip()!r} in {part!r}; expected axis=size with "
+                          f"axis in {sharding.MESH_AXES}")
+      layout[axis] = int(size)
+    layouts.append(layout)
+  if not layouts:
+    raise ConfigError(f"--mesh={text!r} names no layout")
+  return layouts
+
+
+def bench_layouts(cfg, layouts: list[dict[str, int]], **kw) -> list[dict]:
+  """`bench` once per mesh layout (a fresh copy of `cfg` each), throughput relative to the first."""
+  rows = []
+  for layout in layouts:
+    c = copy.deepcopy(cfg)
+    with c.unlocked():
+      for axis in sharding.MESH_AXES:
+        c.mesh[axis] = layout.get(axis, 1)
+    try:
+      row = bench(c, **kw)
+    except ValueError as e:  # a layout that doesn't fit the devices
+      raise ConfigError(f"--mesh layout {layout}: {e}") from None
+    row["mesh"] = dict(sharding.mesh_shape(c.mesh, len(jax.devices())))
+    row["relative_throughput"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 3) if rows else 1.0
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  return rows
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   cfg_args = [a for a in argv if a.startswith("--config")]
@@ -85,12 +129,16 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--vocab", type=int, default=4096, help="tokenizer vocab when model.vocab_size=0")
+  parser.add_argument("--mesh", default="", help='layouts to compare, e.g. "data=8;data=2,fsdp=4"')
   args = parser.parse_args([a for a in argv if not a.startswith("--config")])
 
   def go():
     cfg, rest = parse_args(cfg_args)
     if rest:
       raise ConfigError(f"unknown arguments {rest}")
+    if args.mesh:
+      bench_layouts(cfg, parse_layouts(args.mesh), steps=args.steps, warmup=args.warmup, vocab=args.vocab)
+      return 0
     print(json.dumps(bench(cfg, steps=args.steps, warmup=args.warmup, vocab=args.vocab)), flush=True)
     return 0
 

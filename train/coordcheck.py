@@ -75,7 +75,7 @@ def make_probe(setup):
     x = jnp.take(model.embed.get_value(), batch["inputs"], axis=0).astype(model.cfg.compute_dtype)
     out = {"embed": jnp.abs(x).mean()}
     for i, block in enumerate(model.blocks):
-      x, _ = block(x, **kw)
+      x = block(x, **kw)[0]  # (x, cache, aux)
       out[f"block{i}"] = jnp.abs(x).mean()
     out["logits"] = jnp.abs(model(batch["inputs"], **kw)).mean()  # the real forward, multiplier included.
     return out

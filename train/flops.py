@@ -12,13 +12,19 @@ MFU follows PaLM (Chowdhery et al. 2022, Appendix B): model FLOPs per token = 6N
 N the non-embedding params (matmul params, incl. the output head; `model.params.count_params`),
 L layers, H query heads, Q head dim, T sequence length. Attention is counted in full (no causal
 halving), as published MFU tables do. Remat recomputation is *not* counted (that would be HFU).
+
+Mixture of experts: N is the *active* non-embedding count (`model.params.active_params`): each MoE layer
+counts its router (d·E), k experts and the shared experts, not all E, i.e.
+N = N_non_embedding − L_moe · (E − k) · m · d · f_e with m = 3 gated / 2 plain, f_e = the expert width.
+Capacity padding (c > 1 computes up to c× the routed slots) and dropped tokens are not counted: model
+FLOPs, as MFU defines them.
 """
 from __future__ import annotations
 
 import jax
 
 from model.config import ModelConfig
-from model.params import count_params
+from model.params import active_params
 
 # Dense bf16 peak FLOP/s per chip, from vendor datasheets (no sparsity).
 PEAK_FLOPS = {
@@ -39,7 +45,7 @@ PEAK_FLOPS = {
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Training (forward + backward) model FLOPs per token, PaLM Appendix B."""
-  n = count_params(cfg)["non_embedding"]
+  n = active_params(cfg)  # == count_params(cfg)["non_embedding"] for a dense model.
   return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.hd * seq_len
 
 
@@ -59,10 +65,14 @@ def chinchilla_flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, floa
       softmax=3.0 * cfg.n_heads * t,
       attn_values=2.0 * t * q_width,
       attn_out=2.0 * q_width * d)
-  mlp = 2.0 * (3 if cfg.gated else 2) * d * cfg.ff
+  m = 3 if cfg.gated else 2
+  mlp = 2.0 * m * d * cfg.ff
+  # MoE layer: router logits + the k routed and the shared experts a token goes through.
+  moe = 2.0 * d * cfg.n_experts + 2.0 * m * d * cfg.moe_ff * (cfg.experts_per_token + cfg.n_shared_experts)
+  n_moe = cfg.n_moe_layers
   out = dict(embeddings=2.0 * v * d)
   out.update({k: cfg.n_layers * x for k, x in attention.items()})
-  out["mlp"] = cfg.n_layers * mlp
+  out["mlp"] = (cfg.n_layers - n_moe) * mlp + n_moe * moe
   out["logits"] = 2.0 * d * v
   return out
 

@@ -27,6 +27,7 @@ from data.prepare import from_manifest, parse_weights, prepare
 from data.tokenizer import Tokenizer
 from model.config import ModelConfig
 from model.params import count_params
+from train import distributed
 from train import flops as flops_lib
 from train import sharding
 from train.checkpoint import Checkpointer, make_meta
@@ -90,10 +91,6 @@ def check_same_run(run_dir: pathlib.Path, new: dict) -> None:
                       f"use a new --config.run.dir or the original settings")
 
 
-def _global_batch(local: dict, shardings) -> dict:
-  return {k: jax.make_array_from_process_local_data(shardings, v) for k, v in local.items()}
-
-
 def run(cfg: ConfigDict) -> dict:
   t_start = time.time()
   if not cfg.run.dir:
@@ -106,14 +103,27 @@ def run(cfg: ConfigDict) -> dict:
   tokenizer_path = cfg.data.tokenizer
   if not tokenizer_path and (run_dir / "tokenizer.model").exists():
     tokenizer_path = str(run_dir / "tokenizer.model")  # resume with the exact tokenizer of the run.
-  if cfg.data.manifest:
-    prepared = from_manifest(cfg.data.manifest, tokenizer_path)
-  else:
-    prepared = prepare(sources=cfg.data.sources, vocab_size=cfg.data.vocab_size,
-                       tokenizer=tokenizer_path, cache_dir=cfg.data.cache_dir,
-                       val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers,
-                       seed=cfg.run.seed, tokenizer_sample_chars=cfg.data.tokenizer_sample_chars)
+  def prepare_data():
+    if cfg.data.manifest:
+      return from_manifest(cfg.data.manifest, tokenizer_path)
+    return prepare(sources=cfg.data.sources, vocab_size=cfg.data.vocab_size,
+                   tokenizer=tokenizer_path, cache_dir=cfg.data.cache_dir,
+                   val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers,
+                   seed=cfg.run.seed, tokenizer_sample_chars=cfg.data.tokenizer_sample_chars)
+
+  # Several hosts: process 0 builds the tokenizer and shards first; on a shared cache the others then
+  # find them (no two hosts racing to write the same files), on host-local caches they rebuild them.
+  prepared = prepare_data() if is_main else None
+  distributed.barrier("prepare")
+  prepared = prepared or prepare_data()
   tokenizer = Tokenizer.load(prepared.tokenizer_path)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    try:
+      multihost_utils.assert_equal(np.frombuffer(bytes.fromhex(tokenizer.sha256), np.uint8), "tokenizer")
+    except AssertionError:
+      raise ConfigError("processes built different tokenizers; put data.cache_dir on a filesystem all "
+                        "hosts share, or pass data.tokenizer") from None
   resolve(cfg, tokenizer.vocab_size)
   weights = parse_weights(cfg.data.weights) if cfg.data.weights else None
   if weights and set(weights) - set(prepared.domains):
@@ -126,13 +136,14 @@ def run(cfg: ConfigDict) -> dict:
   # ---------------------------------------------------------------- mesh and state
   mesh = sharding.make_mesh(cfg.mesh)
   setup = make_setup(cfg, model_cfg, mesh)
-  n_proc = jax.process_count()
   global_batch, seq_len = cfg.train.batch_size, cfg.data.seq_len
-  if global_batch % n_proc:
-    raise ConfigError(f"train.batch_size={global_batch} is not divisible by the {n_proc} processes")
-  data_iter = train_iterator(prepared.manifest_path, seq_len=seq_len, batch_size=global_batch // n_proc,
-                             weights=weights, seed=cfg.run.seed, process_index=jax.process_index(),
-                             process_count=n_proc, prefetch=cfg.data.prefetch)
+  batch_shape = (global_batch, seq_len)
+  batch_sh = sharding.batch_sharding(batch_shape, mesh, setup.rules)
+  # This process loads only the rows its devices hold: part `shard` of `n_shards` of every batch.
+  shard, n_shards = distributed.batch_shard(batch_sh, batch_shape)
+  data_iter = train_iterator(prepared.manifest_path, seq_len=seq_len, batch_size=global_batch // n_shards,
+                             weights=weights, seed=cfg.run.seed, process_index=shard,
+                             process_count=n_shards, prefetch=cfg.data.prefetch)
   ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
   start = ckpt.latest_step()
   if start is not None:
@@ -149,13 +160,10 @@ def run(cfg: ConfigDict) -> dict:
       (run_dir / "tokenizer.model").write_bytes(tokenizer.to_bytes())
   meta = make_meta(config_json, tokenizer.to_bytes(), tokenizer.vocab_size)
 
-  batch_shape = (global_batch, seq_len)
   step_fn = make_train_step(setup, cfg, batch_shape)
-  batch_sh = sharding.batch_sharding(batch_shape, mesh, setup.rules)
-  val = eval_batches(prepared.manifest_path, seq_len=seq_len, batch_size=global_batch // n_proc,
-                     num_batches=cfg.train.eval_batches, process_index=jax.process_index(),
-                     process_count=n_proc)
-  eval_fn = make_eval_step(setup, batch_shape) if val else None
+  val = eval_batches(prepared.manifest_path, seq_len=seq_len, batch_size=global_batch // n_shards,
+                     num_batches=cfg.train.eval_batches, process_index=shard, process_count=n_shards)
+  eval_fn = make_eval_step(setup, batch_shape, cfg) if val else None
   if not val and is_main:
     print("warning: the validation split is empty (too few documents for data.val_fraction="
           f"{cfg.data.val_fraction}); no val_loss will be reported", file=sys.stderr)
@@ -174,7 +182,7 @@ def run(cfg: ConfigDict) -> dict:
   def evaluate(step: int) -> dict:
     ce = nbytes = ntok = 0.0
     for b in val:
-      c, nb, n = eval_fn(state["params"], _global_batch(b, batch_sh), token_bytes)
+      c, nb, n = eval_fn(state["params"], distributed.global_batch(b, batch_sh, batch_shape), token_bytes)
       ce, nbytes, ntok = ce + float(c), nbytes + float(nb), ntok + float(n)
     return dict(step=step, val_loss=ce / max(ntok, 1), val_bpb=ce / math.log(2) / max(nbytes, 1))
 
@@ -203,7 +211,7 @@ def run(cfg: ConfigDict) -> dict:
   interval_losses = []  # device scalars: averaged at each log, so a row is not one noisy batch.
   try:
     while step < cfg.train.steps:
-      batch = _global_batch(next(data_iter), batch_sh)
+      batch = distributed.global_batch(next(data_iter), batch_sh, batch_shape)
       state, metrics = step_fn(state, batch)
       interval_losses.append(metrics["loss"])
       step += 1
@@ -223,6 +231,7 @@ def run(cfg: ConfigDict) -> dict:
                    tokens_seen=step * global_batch * seq_len, tokens_per_s=tps, step_time_s=dt,
                    achieved_tflops=tps * fpt / 1e12, mfu=flops_lib.mfu(tps, fpt, len(jax.devices()), peak),
                    skipped_steps=int(m["nonfinite_total"]))
+        row.update({k: float(v) for k, v in m.items() if k.startswith(("moe/", "pipeline/"))})  # last step's
         writer.write(row)
         last_loss = row["loss"]
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
@@ -233,12 +242,14 @@ def run(cfg: ConfigDict) -> dict:
       if eval_fn and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
         row = evaluate(step)
         writer.write(row)
-        bar.write(f"step {step}: val_loss {row['val_loss']:.4f}  val_bpb {row['val_bpb']:.4f}")
+        if is_main:
+          bar.write(f"step {step}: val_loss {row['val_loss']:.4f}  val_bpb {row['val_bpb']:.4f}")
         last_time = time.time()  # eval time is not training throughput.
       if tasks and (step % cfg.eval.every == 0 or step == cfg.train.steps):
         results = run_tasks(step)
         writer.write(dict(step=step, **flat_metrics(results)))
-        bar.write(f"step {step}: eval\n{format_table(results)}")
+        if is_main:
+          bar.write(f"step {step}: eval\n{format_table(results)}")
         last_time = time.time()
       if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
         ckpt.save(step, state, data_iter, meta, force=True)
@@ -249,14 +260,14 @@ def run(cfg: ConfigDict) -> dict:
 
   summary = dict(steps=step, final_loss=last_loss, wall_s=round(time.time() - t_start, 1),
                  params=params["total"], flops_per_token=fpt, device=jax.devices()[0].device_kind)
+  samples = []
+  if cfg.sample.prompts and cfg.sample.max_new_tokens:  # on every process: params span all hosts.
+    model = setup.model(state["params"])
+    texts = generate(model, tokenizer, list(cfg.sample.prompts), max_new_tokens=cfg.sample.max_new_tokens,
+                     temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
+                     seed=cfg.run.seed)
+    samples = list(zip(cfg.sample.prompts, texts))
   if is_main:
-    samples = []
-    if cfg.sample.prompts and cfg.sample.max_new_tokens:
-      model = setup.model(state["params"])
-      texts = generate(model, tokenizer, list(cfg.sample.prompts), max_new_tokens=cfg.sample.max_new_tokens,
-                       temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
-                       seed=cfg.run.seed)
-      samples = list(zip(cfg.sample.prompts, texts))
     report = write_report(run_dir, samples=samples, summary=summary)
     print(f"done: {report}", file=sys.stderr)
   return summary

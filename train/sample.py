@@ -20,8 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
-  """Masks logits [B, V] outside the top-k and outside the smallest set with mass ≥ top_p."""
+def filter_logits(logits: jax.Array, top_k, top_p) -> jax.Array:
+  """Masks logits [B, V] outside the top-k and outside the smallest set with mass ≥ top_p.
+
+  top_k / top_p are Python numbers (one setting for the batch; off = 0 / 1.0 is skipped when tracing)
+  or per-row arrays [B] (off = 0 / 1.0 per row), as the serving engine's mixed batches need.
+  """
+  if isinstance(top_k, (np.ndarray, jax.Array)) or isinstance(top_p, (np.ndarray, jax.Array)):
+    return _filter_logits_rows(logits, top_k, top_p)
   neg = jnp.finfo(logits.dtype).min
   if top_k and top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -34,6 +40,24 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, neg, logits)
   return logits
+
+
+def _filter_logits_rows(logits: jax.Array, top_k, top_p) -> jax.Array:
+  """`filter_logits` with a top_k and top_p per row: one descending sort serves both filters."""
+  batch, vocab = logits.shape
+  neg = jnp.finfo(logits.dtype).min
+  top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (batch,))
+  top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (batch,))[:, None]
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+  kth = jnp.take_along_axis(sorted_logits, k[:, None] - 1, axis=-1)
+  logits = jnp.where(logits < kth, neg, logits)
+  sorted_logits = jnp.where(sorted_logits < kth, neg, sorted_logits)  # masking keeps the order.
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+  cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  # top_p = 1 is off: rounding can bring the cumulative mass to 1.0 before the tail, which must stay.
+  return jnp.where((top_p < 1.0) & (logits < cutoff), neg, logits)
 
 
 def sample_token(logits, key, temperature: float, top_k: int, top_p: float):
@@ -114,11 +138,12 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
   return [tokenizer.decode(row) for row in rows]
 
 
-def load_for_inference(path):
-  """(model, tokenizer, meta) from a run or step directory; the tokenizer travels in the checkpoint."""
+def load_for_inference(path, **kwargs):
+  """(model, tokenizer, meta) from a run or step directory; the tokenizer travels in the checkpoint.
+  `kwargs` go to `model.load.load_model` (e.g. `quantize="int8"`, `compute_dtype="float32"`)."""
   from data.tokenizer import tokenizer_from_meta
   from model.load import load_model
-  model, meta = load_model(path)
+  model, meta = load_model(path, **kwargs)
   tokenizer = tokenizer_from_meta(meta)
   if tokenizer.vocab_size > model.cfg.vocab_size:
     raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's "

@@ -4,6 +4,10 @@ State is a plain dict of arrays — `params` (pure dict mirroring the NNX module
 (optax), `step` (int32) and `rng` (uint32[2]) — so Orbax saves it without pickling and the jitted step
 is a pure function of it. `Setup` bundles the static pieces: NNX graph definition, logical axes, mesh
 shardings, the optimizer.
+
+The optimizer's moments take their params' shardings, except that `mesh.zero1=true` also splits them
+over `data` (ZeRO-1, `sharding.ZERO1_OPT_RULES`) and `optim.offload=true` keeps them in pinned host
+memory between steps (refused with a clear error on a backend without that memory kind).
 """
 from __future__ import annotations
 
@@ -19,8 +23,19 @@ from ml_collections import ConfigDict
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train import sharding
+from train import pipeline, sharding
+from train.config import ConfigError
 from train.optim import make_optimizer
+
+HOST = "pinned_host"  # memory kind of `optim.offload`: page-locked host RAM the device reaches by DMA.
+
+
+def check_memory_kind(device: jax.Device, kind: str, option: str) -> None:
+  """`option` needs memory `kind` on `device`: one clear error on a backend without it."""
+  kinds = sorted(m.kind for m in device.addressable_memories())
+  if kind not in kinds:
+    raise ConfigError(f"{option} needs {kind!r} memory, which {device.platform} devices do not offer "
+                      f"(they have {kinds}); set it to false on this backend")
 
 
 @dataclasses.dataclass
@@ -55,6 +70,7 @@ def abstract_model(model_cfg: ModelConfig):
 
 def make_setup(cfg: ConfigDict, model_cfg: ModelConfig, mesh: Mesh) -> Setup:
   rules = sharding.rules_for(cfg.mesh)
+  pipeline.validate(cfg, model_cfg, mesh)
   graphdef, shapes, axes = abstract_model(model_cfg)
   is_axes = lambda x: isinstance(x, tuple)
   param_sh = jax.tree.map(lambda a, s: sharding.named(a, s.shape, mesh, rules), axes, shapes,
@@ -63,8 +79,17 @@ def make_setup(cfg: ConfigDict, model_cfg: ModelConfig, mesh: Mesh) -> Setup:
                                 mup_width_mult=model_cfg.mup_width_mult if model_cfg.mup else None)
   repl = NamedSharding(mesh, P())
   abstract_opt = jax.eval_shape(tx.init, shapes)
-  # Moments mirror the params and take their shardings; counters and scalars are replicated.
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+  # Moments mirror the params and take their shardings (split over `data` too under ZeRO-1, and in
+  # host memory with optim.offload); counters and scalars are replicated on the device.
+  opt_rules = sharding.opt_rules_for(cfg.mesh, rules)
+  moment_sh = jax.tree.map(lambda a, s: sharding.named(a, s.shape, mesh, opt_rules), axes, shapes,
+                           is_leaf=is_axes)
+  if cfg.optim.get("offload", False):
+    devices = getattr(mesh, "devices", None)  # an AbstractMesh (train.plan) has none: this host's.
+    check_memory_kind(devices.flat[0] if devices is not None else jax.devices()[0], HOST,
+                      "optim.offload=true")
+    moment_sh = jax.tree.map(lambda s: s.with_memory_kind(HOST), moment_sh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, moment_sh,
                                  transform_non_params=lambda _: repl,
                                  is_leaf=lambda x: isinstance(x, NamedSharding))
   state_sh = dict(params=param_sh, opt_state=opt_sh, step=repl, rng=repl)

@@ -134,7 +134,7 @@ def family_of(cfg: ModelConfig) -> str:
   """The HF family that represents `cfg` exactly, or HFConfigError naming what doesn't map."""
   bad = [f"{name}={getattr(cfg, name)!r} (needs {want!r})" for name, want in
          (("activation", "swiglu"), ("norm", "rmsnorm"), ("norm_placement", "pre"), ("positions", "rope"),
-          ("mup_base_width", 0), ("dropout", 0.0))
+          ("mup_base_width", 0), ("dropout", 0.0), ("n_experts", 0))
          if getattr(cfg, name) != want]
   if bad:
     raise HFConfigError("cannot export to a Llama-family checkpoint: " + ", ".join(bad))

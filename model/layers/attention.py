@@ -8,7 +8,8 @@ kernels register themselves under their own names in `model/kernels/` (a later i
 
 The mask is built from positions and segment ids, not from array indices, so the same code serves
 packed training rows (segment ids isolate documents, positions restart at 0) and KV-cache decoding
-(the cache slot of a token is its position).
+(the cache slot of a token is its position). The cache is dense (`dict(k, v)`, slot = position) or paged
+(`dict(k_pages, v_pages, block_tables)`, see `model/layers/paged.py`; the serving engine's).
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from flax import nnx
 
 from model.axes import constrain, param
 from model.config import ModelConfig
+from model.layers import paged
 from model.layers.norm import Norm
 from model.layers.positions import alibi_bias, apply_rope
+from model.quantize import weight
 
 AttentionFn = Callable[..., jax.Array]
 ATTENTION: dict[str, AttentionFn] = {}
@@ -87,10 +90,11 @@ class Attention(nnx.Module):
       self.k_norm = Norm(h, **norm)
 
   def _w(self, name: str, dtype):
-    return getattr(self, name).get_value().astype(dtype)
+    return weight(self, name, dtype)  # dequantizes int8/int4 weights (model/quantize.py).
 
   def __call__(self, x, *, positions, segment_ids=None, cache=None):
-    """x [B, T, D] → ([B, T, D], cache). `cache` = dict(k, v) [B, S, K, H], written at `positions`."""
+    """x [B, T, D] → ([B, T, D], cache). `cache` = dict(k, v) [B, S, K, H], written at `positions`, or a
+    paged dict(k_pages, v_pages, block_tables[, layer]) (returned as dict(k_pages, v_pages))."""
     cfg = self.cfg
     dt = x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, self._w("wq", dt))
@@ -107,9 +111,15 @@ class Attention(nnx.Module):
       # (Tensor Programs V, §4); scaling q keeps the kernel interface (which applies 1/sqrt(hd)) unchanged.
       q = q * jnp.asarray(cfg.attn_q_mult, dt)
     q = constrain(q, ("batch", "length", "heads", None))
-    k = constrain(k, ("batch", "length", "heads", None))
-    v = constrain(v, ("batch", "length", "heads", None))
+    # `kv_length`, not `length`: under sequence parallelism every query shard needs all keys, so the
+    # rules leave K/V whole along the sequence (all-gathered) while Q stays split; the mask is built
+    # from positions, so causality holds across shards.
+    k = constrain(k, ("batch", "kv_length", "heads", None))
+    v = constrain(v, ("batch", "kv_length", "heads", None))
 
+    if cache is not None and "k_pages" in cache:
+      out, cache = self._paged(q, k, v, positions, cache)
+      return self._out(out, dt), cache
     if cache is None:
       kv_positions, q_seg, kv_seg = positions, segment_ids, segment_ids
     else:
@@ -124,8 +134,28 @@ class Attention(nnx.Module):
     mask = make_mask(positions, kv_positions, q_seg, kv_seg, sliding_window=cfg.sliding_window)
     bias = alibi_bias(positions, kv_positions, cfg.n_heads) if cfg.positions == "alibi" else None
     out = get_attention(cfg.attention)(q, k, v, mask=mask, bias=bias)
+    return self._out(out, dt), cache
+
+  def _paged(self, q, k, v, positions, cache):
+    """Paged cache: scatter this chunk's k/v into its pages, then attend over the row's pages."""
+    cfg = self.cfg
+    tables, layer = cache["block_tables"], cache.get("layer")  # layer: index into stacked pages.
+    k_pages, v_pages = paged.write(cache["k_pages"], cache["v_pages"], k, v, positions, tables, layer)
+    kernel = paged.PAGED_ATTENTION.get(cfg.attention)
+    if kernel is not None and cfg.positions != "alibi":
+      out = kernel(q, k_pages, v_pages, tables, positions, layer=layer, sliding_window=cfg.sliding_window)
+    else:  # XLA fallback: gather the pages to a dense view; the position mask hides unwritten slots.
+      k, v, kv_positions = paged.gather(k_pages, v_pages, tables, layer)
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+      mask = make_mask(positions, kv_positions, sliding_window=cfg.sliding_window)
+      bias = alibi_bias(positions, kv_positions, cfg.n_heads) if cfg.positions == "alibi" else None
+      out = get_attention(cfg.attention)(q, k, v, mask=mask, bias=bias)
+    return out, dict(k_pages=k_pages, v_pages=v_pages)
+
+  def _out(self, out, dt):
+    """Attention output [B, T, N, H] → [B, T, D] (dtype dt) through wo (and bo)."""
     out = constrain(out, ("batch", "length", "heads", None))
     y = jnp.einsum("btnh,nhd->btd", out, self._w("wo", dt))
-    if cfg.use_bias:
+    if self.cfg.use_bias:
       y = y + self._w("bo", dt)
-    return y, cache
+    return y

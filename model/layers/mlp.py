@@ -7,6 +7,7 @@ from flax import nnx
 
 from model.axes import constrain, param
 from model.config import ModelConfig
+from model.quantize import weight
 
 _ACT = {"swiglu": jax.nn.silu, "geglu": lambda x: jax.nn.gelu(x, approximate=True),
         "gelu": lambda x: jax.nn.gelu(x, approximate=True), "relu": jax.nn.relu}
@@ -34,7 +35,7 @@ class Mlp(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg, dt = self.cfg, x.dtype
-    w = lambda name: getattr(self, name).get_value().astype(dt)
+    w = lambda name: weight(self, name, dt)  # dequantizes int8/int4 weights (model/quantize.py).
     h = x @ w("w_in")
     if cfg.use_bias:
       h = h + w("b_in")

@@ -1,0 +1,539 @@
+"""Serving benchmark: this project's engine against static batching and Hugging Face `generate`.
+
+    python -m serve.bench --checkpoint=runs/tiny                       # 64 requests, C = 1, 8, 32
+    python -m serve.bench --checkpoint=runs/tiny --concurrency=1,8,32 --requests=64 --prompt_len=32:256 \
+        --output_len=64 --prompts=shakespeare --systems=engine,http,naive,hf
+    python -m serve.bench --preset=configs/lm.py:125m --prompts=random --systems=engine,naive   # random weights
+
+Client-side measurement in the manner of vLLM's `benchmarks/benchmark_serving.py` (closed loop, at most C
+requests in flight): one fixed list of requests — prompts of uniformly drawn length cut at random offsets
+of real text (Tiny Shakespeare or WikiText-2 in the shared data, tokenized by the checkpoint's tokenizer,
+BOS first) or random ids — is served by every system at each concurrency C. Decoding is greedy and every
+request gets exactly `--output_len` tokens: EOS is an ordinary token everywhere (our engine and the static
+decoder are given eos_id -1, which no sample can equal; `transformers` gets `eos_token_id=None`, not
+`min_new_tokens`, whose EOS mask would change the greedy tokens whenever EOS is the argmax).
+
+Systems (same weights, same requests, fp32 unless `--dtype`):
+  engine  `serve.engine.Engine` (paged KV cache, continuous batching, chunked prefill) driven by
+          `serve.async_engine.AsyncEngine`; one asyncio task per request, token times from its events.
+  http    the same engine behind the OpenAI-compatible server (`serve.server`, uvicorn in a thread of this
+          process), streamed by the official `openai` client: as in vLLM's benchmark, each text chunk is
+          timed as one token and the usage chunk's count settles the total (tokens with empty text —
+          a UTF-8 sequence still incomplete — are timed at the end; they rarely occur).
+  naive   static batching without cache reuse: requests in batches of C (the last padded), prompts right-
+          padded to a power of two, a dense KV cache (`train.sample.generate_ids`' decode: one jitted prefill,
+          then a jitted `lax.fori_loop` of one-token steps). A batch starts when the previous one ends. TTFT
+          is timed at the prefill's first token; the loop is timed whole and its time spread evenly over
+          its tokens (so TPOT = decode time / (output_len - 1)).
+  hf      `transformers` `model.generate` on the model written by `model.hf`'s exporter (fp32, CPU,
+          `torch.set_num_threads` = available cores), batches of C, left-padded with an attention mask;
+          token times from a streamer that timestamps every decode step (the first `put` after the prompt's
+          is the first token).
+
+Each (system, C) is run twice: an untimed warm-up pass (XLA compiles; its wall time is `warmup_s`) and the
+timed pass, on a fresh engine each time (an empty prefix cache). Prints one JSON line per (system, C):
+{"bench": "serve", "setup", "device", "jax", "torch", "transformers", "commit", "system", "concurrency",
+"request_throughput", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
+"latency_p50_s", "wall_s", ...}, with TTFT = first token − request sent and TPOT = (latency − TTFT) /
+(tokens − 1) per request (vLLM's definitions). Before timing, a `parity` line checks that every system
+produces the same greedy tokens for the first `--parity_requests` requests (fp32 on our side); at the end
+an `engine_vs_hf` line gives the engine's output-token throughput over transformers' at each C.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configs.loader import ConfigError, main_guard
+
+SYSTEMS = ("engine", "http", "naive", "hf")
+PROMPT_FILES = {"shakespeare": "text/tinyshakespeare.txt", "wikitext2": "text/wikitext2_test.txt"}
+
+
+# --------------------------------------------------------------------------------------------- workload
+
+def make_prompts(n: int, lengths: tuple[int, int], *, source: str, vocab_size: int, tokenizer=None,
+                 seed: int = 0) -> list[list[int]]:
+  """`n` prompts of lengths uniform in [lo, hi] (BOS included): cuts of real text at random offsets, or
+  random ids in [3, vocab) when `source="random"` (0-2 are pad/BOS/EOS in the project's tokenizers)."""
+  rng = np.random.default_rng(seed)
+  sizes = rng.integers(lengths[0], lengths[1] + 1, n)
+  if source == "random":
+    return [[1] + rng.integers(3, vocab_size, int(k) - 1).tolist() for k in sizes]
+  from data.tasks import shared_data_dir  # pylint: disable=g-import-not-at-top
+  if tokenizer is None:
+    raise ConfigError(f"--prompts={source} needs a tokenizer: use --checkpoint, or --prompts=random")
+  path = shared_data_dir() / PROMPT_FILES[source]
+  if not path.is_file():
+    raise ConfigError(f"prompt text not found: {path}")
+  ids = tokenizer.encode(path.read_text(encoding="utf-8"))
+  if len(ids) < lengths[1]:
+    raise ConfigError(f"{path} has {len(ids)} tokens, fewer than --prompt_len's maximum {lengths[1]}")
+  starts = rng.integers(0, len(ids) - lengths[1], n)
+  return [[int(tokenizer.bos_id)] + ids[s:s + int(k) - 1] for s, k in zip(starts, sizes)]
+
+
+@dataclasses.dataclass
+class Trace:
+  """One request as its client saw it: when it was sent, when each token arrived, the token ids."""
+  sent: float
+  times: list[float]
+  tokens: list[int | None]
+
+
+def summarize(traces: Sequence[Trace], wall: float) -> dict:
+  """vLLM's serving figures: throughput over the whole run; TTFT, TPOT, latency per request."""
+  ttft = np.array([t.times[0] - t.sent for t in traces])
+  latency = np.array([t.times[-1] - t.sent for t in traces])
+  tpot = np.array([(t.times[-1] - t.times[0]) / (len(t.times) - 1) for t in traces if len(t.times) > 1])
+  out_tokens = sum(len(t.times) for t in traces)
+  pct = lambda a, q, s=1e3: round(float(np.percentile(a, q)) * s, 3) if a.size else None
+  return dict(request_throughput=round(len(traces) / wall, 3), output_tokens_per_s=round(out_tokens / wall, 1),
+              ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), tpot_p50_ms=pct(tpot, 50),
+              tpot_p99_ms=pct(tpot, 99), latency_p50_s=pct(latency, 50, 1), wall_s=round(wall, 3),
+              output_tokens=out_tokens)
+
+
+async def _closed_loop(n: int, concurrency: int, stream: Callable) -> list[Trace]:
+  """Requests 0..n-1, at most `concurrency` in flight; `stream(i)` yields the token ids (None: unknown)
+  that each arrival brings."""
+  gate = asyncio.Semaphore(concurrency)
+
+  async def one(i: int) -> Trace:
+    async with gate:
+      trace = Trace(time.perf_counter(), [], [])
+      async for tokens in stream(i):
+        now = time.perf_counter()
+        trace.times += [now] * len(tokens)
+        trace.tokens += tokens
+      return trace
+
+  return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+# --------------------------------------------------------------------------------------------- systems
+
+class EngineSystem:
+  """`serve.engine.Engine` behind `AsyncEngine` (or, with `http=True`, behind the OpenAI server)."""
+
+  def __init__(self, model, *, max_slots: int, max_len: int, block_size: int = 16, prefill_chunk: int = 256,
+               tokenizer=None, http: bool = False):
+    if http and tokenizer is None:
+      raise ConfigError("the http system needs a tokenizer (the server detokenizes): use --checkpoint")
+    self.model, self.tokenizer, self.http = model, tokenizer, http
+    # Pages for every slot at its longest request: nothing is ever preempted, as in the other systems.
+    self.kw = dict(block_size=block_size, max_slots=max_slots, prefill_chunk=prefill_chunk,
+                   num_blocks=max_slots * -(-max_len // block_size))
+    self.profile: dict = {}
+
+  def run(self, prompts: list[list[int]], output_len: int, concurrency: int) -> tuple[list[Trace], float]:
+    from serve.api import Request, SamplingParams  # pylint: disable=g-import-not-at-top
+    from serve.async_engine import AsyncEngine  # pylint: disable=g-import-not-at-top
+    from serve.engine import Engine  # pylint: disable=g-import-not-at-top
+    engine = Engine(self.model, eos_id=-1, **self.kw)  # fresh: an empty prefix cache every pass.
+    times = _instrument(engine)
+    compiles = _compiles()
+    driver = AsyncEngine(engine, max_queue=len(prompts), max_slots=self.kw["max_slots"])
+    params = SamplingParams(max_tokens=output_len, temperature=0.0)
+    if self.http:
+      traces, wall = self._run_http(driver, prompts, output_len, concurrency)
+    else:
+      async def stream(i):
+        async for ev in driver.stream(Request(f"r{i}", tuple(prompts[i]), params)):
+          yield [ev.token_id]
+
+      async def main():
+        t0 = time.perf_counter()
+        traces = await _closed_loop(len(prompts), concurrency, stream)
+        return traces, time.perf_counter() - t0
+
+      driver.start()
+      try:
+        traces, wall = asyncio.run(main())
+      finally:
+        driver.close()
+    step, sched, run = (sum(times[k]) for k in ("step", "_schedule", "_run"))
+    # Where the engine thread's time went: scheduling (Python), array prep + dispatch (Python), waiting
+    # for XLA's results (+ emitting events), and outside `step` (driver, idle, the GIL held by the client).
+    self.profile = dict(steps=len(times["step"]), schedule_s=round(sched, 3), dispatch_s=round(run, 3),
+                        device_wait_s=round(step - sched - run, 3), outside_step_s=round(wall - step, 3),
+                        compiles=_compiles() - compiles)
+    return traces, wall
+
+  def _run_http(self, driver, prompts, output_len, concurrency):
+    import openai  # pylint: disable=g-import-not-at-top
+
+    from serve.server import BackgroundServer, create_app  # pylint: disable=g-import-not-at-top
+    app = create_app(driver, self.tokenizer, model_name="bench", context_len=self.model.cfg.max_seq_len)
+    with BackgroundServer(app) as url:
+      async def main():
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=3600)
+
+        async def stream(i):
+          chunks = await client.completions.create(
+              model="bench", prompt=prompts[i], max_tokens=output_len, temperature=0.0, stream=True,
+              stream_options={"include_usage": True})
+          seen = 0
+          async for chunk in chunks:
+            if any(c.text for c in chunk.choices):
+              seen += 1
+              yield [None]
+            if chunk.usage is not None:  # tokens whose text was empty (held back or merged) end here.
+              yield [None] * (chunk.usage.completion_tokens - seen)
+
+        t0 = time.perf_counter()
+        traces = await _closed_loop(len(prompts), concurrency, stream)
+        wall = time.perf_counter() - t0
+        await client.close()
+        return traces, wall
+      return asyncio.run(main())
+
+
+def _instrument(engine) -> dict[str, list[float]]:
+  """Times every call of the engine's `step`, `_schedule` and `_run` (wrapped on the instance)."""
+  times = {"step": [], "_schedule": [], "_run": []}
+
+  def timed(name, fn):
+    def wrapper(*a, **k):
+      t0 = time.perf_counter()
+      try:
+        return fn(*a, **k)
+      finally:
+        times[name].append(time.perf_counter() - t0)
+    return wrapper
+
+  for name in times:
+    setattr(engine, name, timed(name, getattr(engine, name)))
+  return times
+
+
+def _compiles() -> int:
+  """Programs compiled so far by the engine's and the static decoder's jitted functions."""
+  from serve import engine  # pylint: disable=g-import-not-at-top
+  return sum(f._cache_size() for f in (engine._forward, _prefill, _decode))  # pylint: disable=protected-access
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill(state, prompts, lengths, *, graphdef, cache_len):
+  model = nnx.merge(graphdef, state)
+  cache = model.init_cache(prompts.shape[0], cache_len)
+  positions = jnp.broadcast_to(jnp.arange(prompts.shape[1]), prompts.shape)
+  logits, cache = model.decode(prompts, positions=positions, cache=cache, logits_at=lengths - 1)
+  return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps"))
+def _decode(state, cache, token, lengths, *, graphdef, steps):
+  """`steps` greedy one-token steps after the prefill's token (positions continue each row's prompt)."""
+  model = nnx.merge(graphdef, state)
+
+  def body(t, carry):
+    token, cache, out = carry
+    logits, cache = model.decode(token[:, None], positions=(lengths + t)[:, None], cache=cache)
+    token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+    return token, cache, out.at[:, t].set(token)
+
+  out = jnp.zeros((token.shape[0], steps), jnp.int32)
+  return jax.lax.fori_loop(0, steps, body, (token, cache, out))[2]
+
+
+class NaiveSystem:
+  """Static batches of C with a dense KV cache: `train.sample.generate_ids`' decode, timed in two parts."""
+
+  def __init__(self, model):
+    self.max_len = model.cfg.max_seq_len
+    self.graphdef, self.state = nnx.split(model)
+    self.profile: dict = {}
+
+  def run(self, prompts: list[list[int]], output_len: int, concurrency: int) -> tuple[list[Trace], float]:
+    traces, t_start, compiles = [], time.perf_counter(), _compiles()
+    for b0 in range(0, len(prompts), concurrency):
+      batch = prompts[b0:b0 + concurrency]
+      rows = batch + [batch[0]] * (concurrency - len(batch))  # one compiled batch size.
+      lengths = np.array([len(p) for p in rows], np.int32)
+      width = min(1 << int(lengths.max() - 1).bit_length(), self.max_len - output_len)
+      ids = np.zeros((concurrency, width), np.int32)
+      for r, p in enumerate(rows):
+        ids[r, :len(p)] = p
+      sent = time.perf_counter()
+      first, cache = _prefill(self.state, ids, lengths, graphdef=self.graphdef, cache_len=width + output_len)
+      first = np.asarray(first)
+      t_first = time.perf_counter()
+      rest = np.zeros((concurrency, 0), np.int32)
+      if output_len > 1:
+        rest = np.asarray(_decode(self.state, cache, first, lengths, graphdef=self.graphdef,
+                                  steps=output_len - 1))
+      t_end = time.perf_counter()
+      step = (t_end - t_first) / max(output_len - 1, 1)
+      times = [t_first + k * step for k in range(output_len)]
+      for r in range(len(batch)):
+        traces.append(Trace(sent, list(times), [int(first[r])] + rest[r].tolist()))
+    self.profile = dict(compiles=_compiles() - compiles)
+    return traces, traces[-1].times[-1] - t_start
+
+
+def write_hf(model, out: pathlib.Path) -> pathlib.Path:
+  """`model`'s params as a Hugging Face checkpoint (`model.hf`'s exporter: config.json + safetensors)."""
+  from model.hf import config as hf_config  # pylint: disable=g-import-not-at-top
+  from model.hf import weights  # pylint: disable=g-import-not-at-top
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  out.mkdir(parents=True, exist_ok=True)
+  weights.write_safetensors(weights.params_to_hf(params, model.cfg, dtype="float32"), out)
+  hf = hf_config.to_hf(model.cfg, dtype="float32", bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  (out / "config.json").write_text(json.dumps(hf, indent=2))
+  return out
+
+
+class HFSystem:
+  """`transformers` `generate` on the exported weights: static, left-padded batches of C, greedy."""
+
+  def __init__(self, model, *, threads: int):
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    self.torch, self.threads = torch, threads
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+      self.model = transformers.AutoModelForCausalLM.from_pretrained(
+          write_hf(model, pathlib.Path(tmp)), dtype=torch.float32).eval()
+    # eos None: nothing stops a row early and no logits processor masks EOS, so every row decodes
+    # exactly max_new_tokens of plain argmax, as our systems do.
+    self.gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, bos_token_id=1)
+    self.profile: dict = {}
+
+  def run(self, prompts: list[list[int]], output_len: int, concurrency: int) -> tuple[list[Trace], float]:
+    import transformers  # pylint: disable=g-import-not-at-top
+    torch = self.torch
+    config = transformers.GenerationConfig(max_new_tokens=output_len, **self.gen)
+    traces, t_start = [], time.perf_counter()
+    for b0 in range(0, len(prompts), concurrency):
+      batch = prompts[b0:b0 + concurrency]
+      width = max(map(len, batch))
+      ids = torch.zeros((len(batch), width), dtype=torch.long)
+      mask = torch.zeros((len(batch), width), dtype=torch.long)
+      for r, p in enumerate(batch):  # left padding: every row's last prompt token in the last column.
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+      clock = _StepClock()
+      sent = time.perf_counter()
+      with torch.inference_mode():
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                  streamer=clock)
+      new = out[:, width:].tolist()
+      if len(clock.times) != output_len or any(len(row) != output_len for row in new):
+        raise RuntimeError(f"transformers generated {len(clock.times)} steps, expected {output_len}")
+      for row in new:
+        traces.append(Trace(sent, list(clock.times), row))
+    return traces, traces[-1].times[-1] - t_start
+
+
+class _StepClock:
+  """A `transformers` streamer that only timestamps: `generate` puts the prompt, then each step's tokens."""
+
+  def __init__(self):
+    self.times: list[float] = []
+    self._prompt_seen = False
+
+  def put(self, value):
+    del value
+    if self._prompt_seen:
+      self.times.append(time.perf_counter())
+    self._prompt_seen = True
+
+  def end(self):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+def build_systems(names: Sequence[str], model, *, tokenizer, max_slots: int, max_len: int,
+                  threads: int) -> dict:
+  makers = dict(
+      engine=lambda: EngineSystem(model, max_slots=max_slots, max_len=max_len),
+      http=lambda: EngineSystem(model, max_slots=max_slots, max_len=max_len, tokenizer=tokenizer, http=True),
+      naive=lambda: NaiveSystem(model),
+      hf=lambda: HFSystem(model, threads=threads))
+  return {name: makers[name]() for name in names}
+
+
+def parity(systems: dict, prompts: list[list[int]], output_len: int) -> dict:
+  """Greedy tokens of every system that reports ids, on the same prompts, against the first system's."""
+  outs = {name: [t.tokens for t in s.run(prompts, output_len, len(prompts))[0]]
+          for name, s in systems.items()}
+  outs = {name: o for name, o in outs.items() if all(None not in row for row in o)}
+  ref_name, ref = next(iter(outs.items()))
+  first_diff = {}
+  for name, rows in outs.items():
+    # Index of the first differing token per request (None: identical).
+    first_diff[name] = [next((k for k, (a, b) in enumerate(zip(r, s)) if a != b), None) for r, s in zip(ref, rows)]
+  return dict(bench="serve_parity", reference=ref_name, systems=list(outs), requests=len(prompts),
+              output_len=output_len, parity=all(d is None for v in first_diff.values() for d in v),
+              first_mismatch=first_diff)
+
+
+def run_bench(model, prompts: list[list[int]], *, output_len: int, concurrency: Sequence[int],
+              systems: Sequence[str] = ("engine", "naive", "hf"), tokenizer=None, parity_requests: int = 4,
+              parity_model=None, warmup: bool = True, threads: int | None = None,
+              setup: str = "", emit: Callable[[dict], None] = lambda row: None) -> list[dict]:
+  """Benchmarks `systems` on `prompts` at each concurrency; returns (and `emit`s) the JSON rows.
+
+  `parity_model`: the fp32 model for the parity check when `model` computes in another dtype.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from train.loop import provenance  # pylint: disable=g-import-not-at-top
+  threads = threads or len(os.sched_getaffinity(0))
+  max_len = max(map(len, prompts)) + output_len
+  if max_len > model.cfg.max_seq_len:
+    raise ConfigError(f"prompt ({max_len - output_len} tokens) + output_len ({output_len}) exceeds the "
+                      f"model's context ({model.cfg.max_seq_len})")
+  kw = dict(tokenizer=tokenizer, max_slots=max(concurrency), max_len=max_len, threads=threads)
+  rows = []
+
+  def out(row):
+    rows.append(row)
+    emit(row)
+
+  prov = provenance()
+  base = dict(setup=setup, device=f"{jax.devices()[0].device_kind} ({len(os.sched_getaffinity(0))} cores)", jax=jax.__version__,
+              torch=torch.__version__, transformers=transformers.__version__, commit=prov["commit"],
+              dirty=prov["dirty"])
+  built = build_systems(systems, model, **kw)
+  if parity_requests:
+    check = built if parity_model is None else build_systems(systems, parity_model, **kw)
+    out(dict(parity(check, prompts[:parity_requests], output_len), **base))
+  for c in concurrency:
+    for name, system in built.items():
+      warmup_s = None
+      if warmup:
+        t0 = time.perf_counter()
+        system.run(prompts, output_len, c)
+        warmup_s = round(time.perf_counter() - t0, 2)
+      load = os.getloadavg()[0]
+      traces, wall = system.run(prompts, output_len, c)
+      expected = [output_len] * len(prompts)
+      if [len(t.times) for t in traces] != expected:
+        raise RuntimeError(f"{name}: not every request got {output_len} tokens")
+      row = dict(bench="serve", **base, system=name, concurrency=c, requests=len(prompts),
+                 **summarize(traces, wall), prompt_tokens=sum(map(len, prompts)), warmup_s=warmup_s,
+                 load_avg_1m=round(load, 2))
+      if system.profile:
+        row["profile"] = system.profile
+      if isinstance(system, HFSystem):
+        row["torch_threads"] = system.threads
+      out(row)
+  tput = {(r["system"], r["concurrency"]): r["output_tokens_per_s"] for r in rows if r["bench"] == "serve"}
+  for name in ("engine", "http"):
+    if name in built and "hf" in built:
+      out(dict(bench="serve_speedup", **base, system=name, baseline="hf",
+               throughput_ratio={str(c): round(tput[name, c] / tput["hf", c], 2) for c in concurrency}))
+  return rows
+
+
+def random_model(cfg, seed: int = 0):
+  """A model of `cfg` with N(0, init_std²) weights (norm scales 1) drawn by numpy: no per-shape compiles."""
+  from model.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param):
+      shape = var.get_value().shape
+      value = np.ones(shape) if path[-1] == "scale" else cfg.init_std * rng.standard_normal(shape)
+      var.set_value(jnp.asarray(value, jnp.dtype(cfg.param_dtype)))
+  return model
+
+
+def _ints(text: str, name: str) -> list[int]:
+  try:
+    values = [int(v) for v in text.replace(":", ",").split(",")]
+  except ValueError:
+    raise ConfigError(f"--{name}={text!r}: expected integers") from None
+  if not values or min(values) < 1:
+    raise ConfigError(f"--{name}={text!r}: values must be ≥ 1")
+  return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m serve.bench", description=__doc__.split("\n")[0])
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--checkpoint", help="run directory or checkpoint step directory")
+  src.add_argument("--preset", help="configs/<file>.py:<args>: random weights of that model")
+  p.add_argument("--concurrency", default="1,8,32", help="comma-separated C values (max in flight)")
+  p.add_argument("--requests", type=int, default=64)
+  p.add_argument("--prompt_len", default="32:256", help="LO:HI (uniform, BOS included) or one length")
+  p.add_argument("--output_len", type=int, default=64, help="tokens generated per request (EOS ignored)")
+  p.add_argument("--prompts", default="shakespeare", choices=[*PROMPT_FILES, "random"])
+  p.add_argument("--systems", default="engine,naive,hf", help=f"comma-separated, of {','.join(SYSTEMS)}")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our compute dtype")
+  p.add_argument("--parity_requests", type=int, default=4, help="requests checked for equal tokens (0: off)")
+  p.add_argument("--hf_threads", type=int, default=0, help="torch threads (0: the available cores)")
+  p.add_argument("--no_warmup", action="store_true", help="time the first pass (compiles included)")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+
+  def go() -> int:
+    concurrency = _ints(args.concurrency, "concurrency")
+    lengths = _ints(args.prompt_len, "prompt_len")
+    if len(lengths) == 1 or len(lengths) > 2 or lengths[0] > lengths[-1]:
+      lengths = lengths[:1] * 2 if len(lengths) == 1 else None
+    if lengths is None:
+      raise ConfigError(f"--prompt_len={args.prompt_len!r}: expected LO:HI with LO ≤ HI, or one length")
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    bad = [s for s in systems if s not in SYSTEMS]
+    if bad or not systems:
+      raise ConfigError(f"--systems: unknown {bad or systems}; choose from {', '.join(SYSTEMS)}")
+    for name in ("requests", "output_len"):
+      if getattr(args, name) < 1:
+        raise ConfigError(f"--{name} must be ≥ 1, got {getattr(args, name)}")
+    model, tokenizer, name = _load(args, args.dtype)
+    fp32 = model if args.dtype == "float32" else _load(args, "float32")[0]
+    prompts = make_prompts(args.requests, tuple(lengths), source=args.prompts, vocab_size=model.cfg.vocab_size,
+                           tokenizer=tokenizer, seed=args.seed)
+    from model.params import count_params  # pylint: disable=g-import-not-at-top
+    setup = (f"{name} {count_params(model.cfg)['total'] / 1e6:.2f}M {args.dtype} {args.requests} req "
+             f"prompts {args.prompts} {lengths[0]}-{lengths[1]} (mean {np.mean([len(q) for q in prompts]):.0f}) "
+             f"out {args.output_len}")
+    run_bench(model, prompts, output_len=args.output_len, concurrency=concurrency, systems=systems,
+              tokenizer=tokenizer, parity_requests=min(args.parity_requests, args.requests),
+              parity_model=None if args.dtype == "float32" else fp32, warmup=not args.no_warmup, setup=setup,
+              threads=args.hf_threads or None,
+              emit=lambda row: print(json.dumps(row), flush=True))
+    return 0
+
+  return main_guard(go)
+
+
+def _load(args, dtype: str):
+  """(model computing in `dtype`, tokenizer or None, name) from --checkpoint or --preset."""
+  if args.checkpoint:
+    from data.tokenizer import tokenizer_from_meta  # pylint: disable=g-import-not-at-top
+    from model.load import load_model  # pylint: disable=g-import-not-at-top
+    try:
+      model, meta = load_model(args.checkpoint, compute_dtype=dtype)
+      return model, tokenizer_from_meta(meta), args.checkpoint
+    except (FileNotFoundError, ValueError, OSError) as e:
+      raise ConfigError(f"cannot load --checkpoint={args.checkpoint}: {e}") from None
+  from configs.loader import load_preset  # pylint: disable=g-import-not-at-top
+  from train.config import model_config, resolve  # pylint: disable=g-import-not-at-top
+  cfg = load_preset(args.preset)
+  resolve(cfg, 4096)  # vocab 0 (a tokenizer-sized preset): the tiny tokenizer's 4096.
+  cfg = dataclasses.replace(model_config(cfg), compute_dtype=dtype, remat="none")
+  return random_model(cfg, args.seed), None, args.preset
+
+
+if __name__ == "__main__":
+  sys.exit(main())
