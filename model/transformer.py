@@ -12,8 +12,8 @@
 With `scan_layers=True` the blocks' params are stacked on a leading `layers` axis and applied with
 `jax.lax.scan` (one compiled block instead of n_layers copies: compile time stays flat with depth),
 or by whatever the trainer installed with `layer_runner` (the pipeline schedule of `train/pipeline.py`);
-remat wraps the block body (`remat=offload` keeps its saved matmul outputs in host memory). Params are fp32, activations in `compute_dtype` (bf16 by default),
-logits in `logits_dtype`. μP (`mup_base_width > 0`, see `model/config.py`) only changes init stds
+remat wraps the block body (`remat=offload` keeps its saved matmul outputs in host memory). Params are
+fp32, activations in `compute_dtype` (bf16 by default), logits in `logits_dtype`. μP (`mup_base_width > 0`, see `model/config.py`) only changes init stds
 and two constant multipliers (attention q, readout). Dropout (on embeddings and residual branches)
 runs only when a `dropout_key` is given.
 """

@@ -6,7 +6,7 @@ server's job (`serve/server.py`), so one engine serves any tokenizer.
 
     engine.add_request(Request("r1", prompt_ids, SamplingParams(max_tokens=64, temperature=0.7, seed=1)))
     while engine.has_unfinished():
-      for ev in engine.step():          # one scheduler iteration: prefill chunks + one decode token per slot
+      for ev in engine.step():          # one scheduler iteration: prefill chunks + decode tokens per slot
         ...ev.request_id, ev.token_id, ev.finished, ev.finish_reason
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class TokenEvent:
-  """One generated token of one request (the engine emits at most one per request per step)."""
+  """One generated token of one request: at most one per request per step, or with a speculative draft up
+  to spec_k + 1 (in order; none after the one with `finished`)."""
   request_id: str
   token_id: int
   logprob: float | None = None  # log p(token) under the (temperature-1, unfiltered) model distribution.

@@ -57,6 +57,7 @@ from jax.sharding import AbstractMesh, NamedSharding
 
 from model.params import count_params
 from train import flops as flops_lib
+from train import pipeline
 from train import sharding
 from train.config import ConfigError, main_guard, model_config, parse_args, resolve
 
@@ -189,6 +190,9 @@ def tpu_topology_devices(name: str) -> list:
                       f"pip install -e \".[tpu]\"") from None
   if os.environ.get("TPU_SKIP_MDS_QUERY"):  # set by JAX at import when this machine has no TPU chips:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # else libtpu logs an INVALID_ARGUMENT.
+  # libtpu's one-process-per-host lockfile guards the chips; an AOT compile only uses the compiler, and
+  # without this it fails whenever another JAX process on the machine has loaded libtpu.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
   except Exception as e:  # libtpu's message for an unknown name is a long status dump.
@@ -200,11 +204,15 @@ def flops_figures(cfg, model_cfg, n_devices: int, kind: str) -> dict:
   fpt = flops_lib.flops_per_token(model_cfg, cfg.data.seq_len)
   peak = flops_lib.peak_flops(types.SimpleNamespace(device_kind=device_kind_name(kind)))
   counts = count_params(model_cfg)
+  stages = int(cfg.mesh.get("stage", 1))
+  # GPipe idles (S−1) of every M+S−1 pipeline iterations: ideal time grows by 1 / (1 − bubble).
+  bubble = pipeline.bubble_fraction(stages, cfg.train.microbatches) if stages > 1 else 0.0
   return dict(params=counts["total"], non_embedding_params=counts["non_embedding"], tokens_per_step=tokens,
+              pipeline_stages=stages, pipeline_bubble=bubble,
               flops_per_token=fpt, flops_per_step=fpt * tokens,
               chinchilla_flops_per_token=flops_lib.chinchilla_flops_per_token(model_cfg, cfg.data.seq_len),
               peak_flops_per_device=peak,
-              ideal_step_s=(fpt * tokens / (n_devices * peak)) if peak else None)
+              ideal_step_s=(fpt * tokens / (n_devices * peak) / (1.0 - bubble)) if peak else None)
 
 
 def plan(cfg, *, devices: int | None = None, device_kind: str | None = None,
@@ -303,6 +311,8 @@ def table(groups: list[dict]) -> str:
     rows.append(f"  compiled: not available ({c['error']})")
   ideal = f", ideal step {fl['ideal_step_s']:.3g} s at 100% MFU" if fl["ideal_step_s"] else ""
   rows.append(f"  FLOPs/token {fl['flops_per_token']:.4g} (PaLM), per step {fl['flops_per_step']:.4g}{ideal}")
+  if fl["pipeline_stages"] > 1:
+    rows.append(f"  pipeline: {fl['pipeline_stages']} stages, bubble {fl['pipeline_bubble']:.1%} of each step")
   rows.append(f"verdict: {v['verdict']}")
   return "\n".join(rows)
 
