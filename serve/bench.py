@@ -3,7 +3,7 @@
     python -m serve.bench --checkpoint=runs/tiny                       # 64 requests, C = 1, 8, 32
     python -m serve.bench --checkpoint=runs/tiny --concurrency=1,8,32 --requests=64 --prompt_len=32:256 \
         --output_len=64 --prompts=shakespeare --systems=engine,http,naive,hf
-    python -m serve.bench --preset=configs/lm.py:125m --prompts=random --systems=engine,naive   # random weights
+    python -m serve.bench --preset=configs/lm.py:125m --prompts=random --systems=engine,naive  # random init
 
 Client-side measurement in the manner of vLLM's `benchmarks/benchmark_serving.py` (closed loop, at most C
 requests in flight): one fixed list of requests — prompts of uniformly drawn length cut at random offsets
@@ -26,18 +26,26 @@ Systems (same weights, same requests, fp32 unless `--dtype`):
           is timed at the prefill's first token; the loop is timed whole and its time spread evenly over
           its tokens (so TPOT = decode time / (output_len - 1)).
   hf      `transformers` `model.generate` on the model written by `model.hf`'s exporter (fp32, CPU,
-          `torch.set_num_threads` = available cores), batches of C, left-padded with an attention mask;
+          `torch.set_num_threads` = available cores, or each of `--hf_threads=2,1` as systems hf-t2,
+          hf-t1: on a loaded machine 1 thread can be faster), batches of C, left-padded with a mask;
           token times from a streamer that timestamps every decode step (the first `put` after the prompt's
           is the first token).
 
-Each (system, C) is run twice: an untimed warm-up pass (XLA compiles; its wall time is `warmup_s`) and the
-timed pass, on a fresh engine each time (an empty prefix cache). Prints one JSON line per (system, C):
-{"bench": "serve", "setup", "device", "jax", "torch", "transformers", "commit", "system", "concurrency",
-"request_throughput", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
-"latency_p50_s", "wall_s", ...}, with TTFT = first token − request sent and TPOT = (latency − TTFT) /
-(tokens − 1) per request (vLLM's definitions). Before timing, a `parity` line checks that every system
-produces the same greedy tokens for the first `--parity_requests` requests (fp32 on our side); at the end
-an `engine_vs_hf` line gives the engine's output-token throughput over transformers' at each C.
+Each (system, C) first runs untimed warm-up passes until one compiles nothing (at most 3; transformers
+compiles nothing and warms up on one batch), then the timed pass (run again, at most twice, if it still
+met a new shape: `timed_passes`), each on a fresh engine, so the prefix cache starts empty.
+
+Prints one JSON line per (system, C): {"bench": "serve", "setup", "device", "jax", "torch", "transformers",
+"commit", "system", "concurrency", "request_throughput", "output_tokens_per_s", "ttft_p50_ms",
+"ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "latency_p50_s", "wall_s", "output_tokens", "warmup_s",
+"load_avg_1m", ...} with vLLM's definitions: TTFT = first token − request sent, TPOT = (latency − TTFT) /
+(tokens − 1) per request, throughputs over the timed pass's wall time. Our systems add a `profile`:
+compiles and their seconds in the timed pass and, for the engine, decode-only and prefill steps (count,
+mean ms), of which Python scheduling (`_schedule`) and array prep + dispatch (`_run`), and the time
+outside `step` (driver, idle, the GIL held by the client).
+Before timing, a `serve_parity` line checks that the systems that report token ids produce the same
+greedy tokens for the first `--parity_requests` requests (fp32 on our side, whatever `--dtype`); at the
+end a `serve_speedup` line gives the engine's output tokens/s over the fastest transformers run at each C.
 """
 from __future__ import annotations
 
@@ -102,10 +110,11 @@ def summarize(traces: Sequence[Trace], wall: float) -> dict:
   latency = np.array([t.times[-1] - t.sent for t in traces])
   tpot = np.array([(t.times[-1] - t.times[0]) / (len(t.times) - 1) for t in traces if len(t.times) > 1])
   out_tokens = sum(len(t.times) for t in traces)
-  pct = lambda a, q, s=1e3: round(float(np.percentile(a, q)) * s, 3) if a.size else None
-  return dict(request_throughput=round(len(traces) / wall, 3), output_tokens_per_s=round(out_tokens / wall, 1),
+  sig = lambda x: float(f"{x:.4g}")  # 4 significant digits, however small the run.
+  pct = lambda a, q, scale=1e3: sig(np.percentile(a, q) * scale) if a.size else None
+  return dict(request_throughput=sig(len(traces) / wall), output_tokens_per_s=sig(out_tokens / wall),
               ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), tpot_p50_ms=pct(tpot, 50),
-              tpot_p99_ms=pct(tpot, 99), latency_p50_s=pct(latency, 50, 1), wall_s=round(wall, 3),
+              tpot_p99_ms=pct(tpot, 99), latency_p50_s=pct(latency, 50, 1), wall_s=sig(wall),
               output_tokens=out_tokens)
 
 
@@ -170,7 +179,7 @@ class EngineSystem:
     # Where the engine thread's time went: decode-only steps and steps with a prompt chunk (host and
     # XLA), of which Python scheduling and array prep + dispatch; outside `step`: driver, idle, the GIL.
     ms = lambda v: round(1e3 * sum(v) / max(len(v), 1), 2)
-    step_s = sum(times["decode"]) + sum(times["prefill"])
+    step_s = sum(times["decode"]) + sum(times["prefill"]) + sum(times["idle"])
     self.profile = dict(decode_steps=len(times["decode"]), decode_step_ms=ms(times["decode"]),
                         prefill_steps=len(times["prefill"]), prefill_step_ms=ms(times["prefill"]),
                         schedule_s=round(sum(times["_schedule"]), 3), dispatch_s=round(sum(times["_run"]), 3),
@@ -209,7 +218,7 @@ class EngineSystem:
 def _instrument(engine) -> dict[str, list[float]]:
   """Times the engine's steps (wrapping `step`, `_schedule`, `_run` on the instance): "decode" steps
   (one token per running sequence) apart from "prefill" steps (a prompt chunk too), and the host parts."""
-  times = {"decode": [], "prefill": [], "_schedule": [], "_run": []}
+  times = {"decode": [], "prefill": [], "idle": [], "_schedule": [], "_run": []}
   kind = []
 
   def timed(name, fn):
@@ -218,7 +227,7 @@ def _instrument(engine) -> dict[str, list[float]]:
       try:
         out = fn(*a, **k)
         if name == "_schedule":
-          kind.append("prefill" if any(n > 1 for _, n in out) else "decode")
+          kind.append("prefill" if any(n > 1 for _, n in out) else "decode" if out else "idle")
         return out
       finally:
         times[kind.pop() if name == "step" else name].append(time.perf_counter() - t0)
@@ -417,7 +426,8 @@ def parity(systems: dict, prompts: list[list[int]], output_len: int) -> dict:
   first_diff = {}
   for name, rows in outs.items():
     # Index of the first differing token per request (None: identical).
-    first_diff[name] = [next((k for k, (a, b) in enumerate(zip(r, s)) if a != b), None) for r, s in zip(ref, rows)]
+    first_diff[name] = [next((k for k, (a, b) in enumerate(zip(r, s)) if a != b), None)
+                        for r, s in zip(ref, rows)]
   return dict(bench="serve_parity", reference=ref_name, systems=list(outs), requests=len(prompts),
               output_len=output_len, parity=all(d is None for v in first_diff.values() for d in v),
               first_mismatch=first_diff)
@@ -473,8 +483,13 @@ def run_bench(model, prompts: list[list[int]], *, output_len: int, concurrency: 
             break
         row.update(warmup_s=round(time.perf_counter() - t0, 2),
                    **{f"warmup_{k}": v for k, v in _compiles_since(compiles).items()})
-      row["load_avg_1m"] = round(os.getloadavg()[0], 2)
-      traces, wall = system.run(prompts, output_len, c)
+      for attempt in range(3):  # a timed pass that met a new shape (and compiled it) is run again.
+        row["load_avg_1m"] = round(os.getloadavg()[0], 2)
+        before = _COMPILES.snapshot()
+        traces, wall = system.run(prompts, output_len, c)
+        if not warmup or _COMPILES.snapshot()[0] == before[0]:
+          break
+      row["timed_passes"] = attempt + 1
       if any(len(t.times) != output_len for t in traces):
         raise RuntimeError(f"{name}: not every request got {output_len} tokens")
       row.update(summarize(traces, wall), prompt_tokens=sum(map(len, prompts)))
@@ -550,16 +565,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       if getattr(args, name) < 1:
         raise ConfigError(f"--{name} must be ≥ 1, got {getattr(args, name)}")
     model, tokenizer, name = _load(args, args.dtype)
-    fp32 = model if args.dtype == "float32" else _load(args, "float32")[0]
-    prompts = make_prompts(args.requests, tuple(lengths), source=args.prompts, vocab_size=model.cfg.vocab_size,
-                           tokenizer=tokenizer, seed=args.seed)
+    prompts = make_prompts(args.requests, tuple(lengths), source=args.prompts, tokenizer=tokenizer,
+                           vocab_size=model.cfg.vocab_size, seed=args.seed)
     from model.params import count_params  # pylint: disable=g-import-not-at-top
-    setup = (f"{name} {count_params(model.cfg)['total'] / 1e6:.2f}M {args.dtype} {args.requests} req "
-             f"prompts {args.prompts} {lengths[0]}-{lengths[1]} (mean {np.mean([len(q) for q in prompts]):.0f}) "
-             f"out {args.output_len}")
+    mean = np.mean([len(q) for q in prompts])
+    setup = (f"{name} {count_params(model.cfg)['total'] / 1e6:.2f}M {args.dtype} {args.requests} req prompts "
+             f"{args.prompts} {lengths[0]}-{lengths[1]} (mean {mean:.0f}) out {args.output_len}")
     run_bench(model, prompts, output_len=args.output_len, concurrency=concurrency, systems=systems,
               tokenizer=tokenizer, parity_requests=min(args.parity_requests, args.requests),
-              parity_model=None if args.dtype == "float32" else fp32, warmup=not args.no_warmup, setup=setup,
+              parity_model=None if args.dtype == "float32" else _load(args, "float32")[0],
+              warmup=not args.no_warmup, setup=setup,
               hf_threads=_ints(args.hf_threads, "hf_threads") if args.hf_threads else (),
               emit=lambda row: print(json.dumps(row), flush=True))
     return 0
@@ -574,9 +589,13 @@ def _load(args, dtype: str):
     from model.load import load_model  # pylint: disable=g-import-not-at-top
     try:
       model, meta = load_model(args.checkpoint, compute_dtype=dtype)
-      return model, tokenizer_from_meta(meta), args.checkpoint
+      tokenizer = tokenizer_from_meta(meta)
     except (FileNotFoundError, ValueError, OSError) as e:
       raise ConfigError(f"cannot load --checkpoint={args.checkpoint}: {e}") from None
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+      raise ConfigError(f"--checkpoint={args.checkpoint}: the tokenizer's vocabulary "
+                        f"({tokenizer.vocab_size}) exceeds the model's ({model.cfg.vocab_size})")
+    return model, tokenizer, args.checkpoint
   from configs.loader import load_preset  # pylint: disable=g-import-not-at-top
   from train.config import model_config, resolve  # pylint: disable=g-import-not-at-top
   cfg = load_preset(args.preset)

@@ -28,6 +28,46 @@ def require(condition: bool, reason: str) -> None:
   pytest.skip(reason)
 
 
+def packed_batch(b: int, t: int, vocab: int, seed: int) -> dict:
+  """A random [b, t] training batch with two packed documents per row: segment ids 1 | 2, positions
+  restarting at the boundary, no loss across it (the layout tests' common input)."""
+  import numpy as np
+  r = np.random.default_rng(seed)
+  x = r.integers(0, vocab, (b, t + 1)).astype(np.int32)
+  seg = np.ones((b, t), np.int32)
+  seg[:, t // 2:] = 2
+  pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(b, 0).astype(np.int32)
+  mask = np.ones((b, t), np.float32)
+  mask[:, t // 2 - 1] = 0
+  return dict(inputs=x[:, :-1], targets=x[:, 1:], segment_ids=seg, positions=pos, loss_mask=mask)
+
+
+def train_on_mesh(mesh: dict, *, preset: str = "tiny,smoke", steps: int = 3, batch=(8, 32), overrides=()) -> dict:
+  """`steps` jitted train steps of `configs/lm.py:<preset>` (vocab 500) on a mesh {axis: size} (axes not
+  named are 1) over the first devices, on `packed_batch(*batch, vocab, step)`: losses, params (NumPy),
+  the final state and metrics, the setup and the step function (for sharding and HLO checks)."""
+  import jax
+  import numpy as np
+
+  from train import sharding
+  from train.config import model_config, parse_args, resolve
+  from train.state import init_state, make_setup
+  from train.step import make_train_step
+  cfg, _ = parse_args([f"--config=configs/lm.py:{preset}", "--config.mesh.data=1",
+                       *[f"--config.mesh.{k}={v}" for k, v in mesh.items()], *overrides])
+  resolve(cfg, 500)
+  n = int(np.prod([cfg.mesh[a] for a in sharding.MESH_AXES]))
+  setup = make_setup(cfg, model_config(cfg), sharding.make_mesh(cfg.mesh, jax.devices()[:n]))
+  state = init_state(setup, 0)
+  fn = make_train_step(setup, cfg, tuple(batch))
+  losses = []
+  for i in range(steps):
+    state, metrics = fn(state, packed_batch(*batch, setup.model_cfg.vocab_size, i))
+    losses.append(float(metrics["loss"]))
+  return dict(losses=losses, params=jax.tree.map(np.asarray, state["params"]), state=state, metrics=metrics,
+              setup=setup, cfg=cfg, fn=fn)
+
+
 @pytest.fixture
 def shared_data_dir() -> pathlib.Path:
   path = shared_data()

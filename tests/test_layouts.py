@@ -15,6 +15,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import packed_batch, train_on_mesh
 from model.config import ModelConfig
 from train import pipeline, sharding
 from train.config import ConfigError, model_config, parse_args, resolve
@@ -26,16 +27,7 @@ STEPS = 3
 
 
 def _batch(step: int, vocab: int) -> dict:
-  """Two packed documents per row (segment ids, restarting positions, no loss across the boundary)."""
-  b, t = BATCH
-  r = np.random.default_rng(step)
-  x = r.integers(0, vocab, (b, t + 1)).astype(np.int32)
-  seg = np.ones((b, t), np.int32)
-  seg[:, t // 2:] = 2
-  pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(b, 0).astype(np.int32)
-  mask = np.ones((b, t), np.float32)
-  mask[:, t // 2 - 1] = 0
-  return dict(inputs=x[:, :-1], targets=x[:, 1:], segment_ids=seg, positions=pos, loss_mask=mask)
+  return packed_batch(*BATCH, vocab, step)
 
 
 def _config(mesh: dict, overrides=()):
@@ -51,16 +43,9 @@ def _setup(mesh: dict, overrides=()):
 
 
 def _train(mesh: dict, overrides=()) -> dict:
-  cfg, setup = _setup(mesh, overrides)
-  state = init_state(setup, 0)
-  fn = make_train_step(setup, cfg, BATCH)
-  losses = []
-  for i in range(STEPS):
-    state, metrics = fn(state, _batch(i, setup.model_cfg.vocab_size))
-    losses.append(float(metrics["loss"]))
+  run = train_on_mesh(mesh, batch=BATCH, overrides=overrides)
   abstract_batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _batch(0, 1))
-  return dict(losses=losses, params=jax.tree.map(np.asarray, state["params"]), state=state, setup=setup,
-              metrics=metrics, hlo=lambda: fn.lower(setup.abstract_state, abstract_batch).compile().as_text())
+  return dict(run, hlo=lambda: run["fn"].lower(run["setup"].abstract_state, abstract_batch).compile().as_text())
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import require, shared_data
+from conftest import packed_batch, require, shared_data, train_on_mesh
 from model.config import ModelConfig
 from model.layers.moe import (Moe, dispatch_masks, expert_capacity, load_balancing_loss, route,
                               router_z_loss, update_router_bias)
@@ -258,31 +258,12 @@ def test_flops_count_the_k_active_experts_and_the_shared_one():
 
 # ------------------------------------------------------------------ expert parallelism
 
-def _batch(b, t, vocab, seed):
-  """Random tokens, two packed documents per row, no loss across the boundary (as test_train_core)."""
-  r = np.random.default_rng(seed)
-  x = r.integers(0, vocab, (b, t + 1)).astype(np.int32)
-  seg = np.ones((b, t), np.int32)
-  seg[:, t // 2:] = 2
-  pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(b, 0).astype(np.int32)
-  mask = np.ones((b, t), np.float32)
-  mask[:, t // 2 - 1] = 0
-  return dict(inputs=x[:, :-1], targets=x[:, 1:], segment_ids=seg, positions=pos, loss_mask=mask)
+_batch = packed_batch
 
 
 def _train(data, expert, steps=3):
-  cfg, _ = parse_args(["--config=configs/lm.py:tiny,moe,smoke"])
-  cfg.mesh.data, cfg.mesh.expert = data, expert
-  resolve(cfg, 500)
-  mc = model_config(cfg)
-  setup = make_setup(cfg, mc, sharding.make_mesh(cfg.mesh, jax.devices()[:data * expert]))
-  state = init_state(setup, 0)
-  fn = make_train_step(setup, cfg, (8, 32))
-  losses = []
-  for i in range(steps):
-    state, m = fn(state, _batch(8, 32, mc.vocab_size, i))
-    losses.append(float(m["loss"]))
-  return losses, jax.tree.map(np.asarray, state["params"]), state, m
+  run = train_on_mesh(dict(data=data, expert=expert), preset="tiny,moe,smoke", steps=steps)
+  return run["losses"], run["params"], run["state"], run["metrics"]
 
 
 def test_expert_parallel_mesh_matches_one_device():

@@ -78,7 +78,8 @@ def test_run_bench_rows(model, prompts, chat_tokenizer):
   runs = {(r["system"], r["concurrency"]): r for r in rows if r["bench"] == "serve"}
   assert set(runs) == {(s, c) for s in ("engine", "http", "naive", "hf") for c in (1, 2)}
   for (system, c), r in runs.items():
-    assert r["requests"] == 4 and r["output_tokens"] == 4 * OUT and r["prompt_tokens"] == sum(map(len, prompts))
+    assert r["requests"] == 4 and r["output_tokens"] == 4 * OUT
+    assert r["prompt_tokens"] == sum(map(len, prompts))
     assert r["wall_s"] > 0 and r["warmup_s"] > 0
     assert r["output_tokens_per_s"] * r["wall_s"] == pytest.approx(4 * OUT, rel=0.01)
     assert r["request_throughput"] * r["wall_s"] == pytest.approx(4, rel=0.01)
@@ -112,7 +113,9 @@ def test_cli_preset_prints_json_lines(capsys):
     (["--preset=configs/lm.py:tiny,smoke", "--prompt_len=50:10"], "LO:HI"),
     (["--preset=configs/lm.py:tiny,smoke", "--concurrency=0"], "must be ≥ 1"),
     (["--preset=configs/lm.py:tiny,smoke"], "needs a tokenizer"),
-    (["--preset=configs/lm.py:tiny,smoke", "--prompts=random", "--systems=http"], "needs a tokenizer"),
+    (["--preset=configs/lm.py:tiny,smoke", "--prompts=random"], "exceeds the model's context (256)"),
+    (["--preset=configs/lm.py:tiny,smoke", "--prompts=random", "--prompt_len=8", "--systems=http"],
+     "needs a tokenizer"),
 ])
 def test_cli_bad_input_is_one_error_line(args, message, capsys):
   with pytest.raises(SystemExit) as e:

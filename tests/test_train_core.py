@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 from ml_collections import ConfigDict
 
+from conftest import packed_batch, train_on_mesh
 from configs.lm import SIZES, get_config
 from model.config import ModelConfig
 from model.params import count_params
@@ -104,15 +105,7 @@ def test_make_mesh_fills_and_validates():
 
 # ------------------------------------------------------------------ step on meshes
 
-def _batch(b, t, vocab, seed):
-  r = np.random.default_rng(seed)
-  x = r.integers(0, vocab, (b, t + 1)).astype(np.int32)
-  seg = np.ones((b, t), np.int32)
-  seg[:, t // 2:] = 2  # two packed documents per row
-  pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(b, 0).astype(np.int32)
-  mask = np.ones((b, t), np.float32)
-  mask[:, t // 2 - 1] = 0  # no loss across the document boundary
-  return dict(inputs=x[:, :-1], targets=x[:, 1:], segment_ids=seg, positions=pos, loss_mask=mask)
+_batch = packed_batch
 
 
 def _smoke_state(n_devices: int):
@@ -124,19 +117,8 @@ def _smoke_state(n_devices: int):
 
 
 def _train(mesh_shape, steps=3, overrides=()):
-  cfg, _ = parse_args(["--config=configs/lm.py:tiny,smoke", *overrides])
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
-  resolve(cfg, 500)
-  mc = model_config(cfg)
-  devices = jax.devices()[:int(np.prod(mesh_shape))]
-  setup = make_setup(cfg, mc, sharding.make_mesh(cfg.mesh, devices))
-  state = init_state(setup, 0)
-  fn = make_train_step(setup, cfg, (8, 32))
-  losses = []
-  for i in range(steps):
-    state, m = fn(state, _batch(8, 32, mc.vocab_size, i))
-    losses.append(float(m["loss"]))
-  return losses, jax.tree.map(np.asarray, state["params"]), state
+  run = train_on_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)), steps=steps, overrides=overrides)
+  return run["losses"], run["params"], run["state"]
 
 
 def test_same_loss_and_params_on_every_mesh():
