@@ -6,11 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from scipy import stats
 
+from conftest import random_transformer
 from model.config import ModelConfig
-from model.transformer import Transformer
 from serve.api import Request, SamplingParams
 from serve.engine import Engine
 from serve.speculative import token_probs
@@ -24,16 +23,7 @@ DRAFT = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads
 ENGINE = dict(block_size=8, num_blocks=16, max_slots=2, prefill_chunk=16, spec_k=4)
 
 
-def build(cfg, seed):
-  """A random model drawn by NumPy (N(0, init_std) weights, unit norm scales): no initializer compiles."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    value = np.ones(s.shape) if path[-1].key == "scale" else rng.normal(0, cfg.init_std, s.shape)
-    return jnp.asarray(value, s.dtype)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(leaf, nnx.to_pure_dict(state)))
+build = random_transformer
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 from scipy import stats
 
+from conftest import random_transformer
 from model.config import ModelConfig
-from model.transformer import Transformer
 from serve.speculative import (acceptance_probability, draw, residual, speculative_generate, token_probs,
                                verify)
 from train.sample import generate_ids
@@ -21,17 +21,7 @@ DRAFT = ModelConfig(vocab_size=61, d_model=16, n_layers=1, n_heads=2, n_kv_heads
                     compute_dtype="float32", init_std=0.3, scan_layers=False)  # list caches on this side.
 
 
-def build(cfg, seed):
-  """A random model: N(0, init_std) weights and unit norm scales, drawn by NumPy (the initializers'
-  per-shape XLA compiles take ~0.4 s each on a loaded 2-core machine; this needs none)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def draw_leaf(path, s):
-    value = np.ones(s.shape) if path[-1].key == "scale" else rng.normal(0, cfg.init_std, s.shape)
-    return jnp.asarray(value, s.dtype)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw_leaf, nnx.to_pure_dict(state)))
+build = random_transformer
 
 
 @pytest.fixture(scope="module")
