@@ -46,14 +46,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from align import losses
 from align.trainer import Trainer, stage_main
 from configs.loader import ConfigError
 from data import chat
 from data.tasks import arithmetic, gsm8k
-from train.sample import _generate
+from train.sample import generate_ids
 
 TASKS = ("arithmetic", "gsm8k")
 
@@ -113,24 +112,12 @@ def sample(model, prompts: Sequence[Sequence[int]], plen: int, *, eos_id: int, p
            seed: int = 0) -> tuple[list[list[int]], list[bool]]:
   """(reply ids cut before <|end|>, whether each stopped) for prompts right-padded to `plen` tokens.
 
-  `train.sample.generate_ids` pads to the batch's longest prompt, which would recompile the sampler for
-  every new prompt length; a fixed `plen` (the task's longest prompt) compiles it once per batch size.
-  temperature 0 is greedy.
+  A fixed `plen` (the task's longest prompt) compiles the sampler once per batch size instead of once
+  per longest prompt. temperature 0 is greedy.
   """
-  padded = np.full((len(prompts), plen), pad_id, np.int32)
-  for i, p in enumerate(prompts):
-    padded[i, :len(p)] = p
-  graphdef, params = nnx.split(model, nnx.Param)
-  ids = _generate(nnx.to_pure_dict(params), jnp.asarray(padded),
-                  jnp.asarray([len(p) for p in prompts], jnp.int32), jax.random.PRNGKey(seed),
-                  graphdef=graphdef, max_new_tokens=max_new_tokens, temperature=float(temperature),
-                  top_k=0, top_p=float(top_p), eos_id=eos_id, cache_len=plen + max_new_tokens)
-  rows, ended = [], []
-  for row in np.asarray(ids).tolist():
-    stop = eos_id in row
-    rows.append(row[:row.index(eos_id)] if stop else row)
-    ended.append(stop)
-  return rows, ended
+  rows = generate_ids(model, prompts, eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_p=top_p, seed=seed, pad_to=plen)
+  return rows, [len(r) < max_new_tokens for r in rows]  # rows are cut before <|end|>: short = stopped.
 
 
 def score(replies: Sequence[Sequence[int]], stopped: Sequence[bool], targets: Sequence[str], tokenizer,

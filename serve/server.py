@@ -359,13 +359,17 @@ def create_app(driver: AsyncEngine, tokenizer, *, model_name: str, context_len: 
     svc.check_model(name)
     return model_card()
 
-  @app.post("/v1/completions")
-  async def completions(request: HTTPRequest):
+  async def admit(request: HTTPRequest, schema):
+    """Auth, the body parsed and validated against `schema`, a known model, no unsupported field."""
     svc.authorize(request)
-    req = P.parse(P.CompletionRequest, await request.body())
+    req = P.parse(schema, await request.body())
     svc.check_model(req.model)
     P.check_unsupported(req)
-    stop = P.stop_strings(req.stop)
+    return req, P.stop_strings(req.stop)
+
+  @app.post("/v1/completions")
+  async def completions(request: HTTPRequest):
+    req, stop = await admit(request, P.CompletionRequest)
     prompts = svc.completion_prompts(req.prompt)
     max_tokens = req.max_tokens or 16
     for ids in prompts:
@@ -395,11 +399,7 @@ def create_app(driver: AsyncEngine, tokenizer, *, model_name: str, context_len: 
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: HTTPRequest):
-    svc.authorize(request)
-    req = P.parse(P.ChatRequest, await request.body())
-    svc.check_model(req.model)
-    P.check_unsupported(req)
-    stop = P.stop_strings(req.stop)
+    req, stop = await admit(request, P.ChatRequest)
     prompt = svc.chat_prompt(req)
     max_tokens = req.max_completion_tokens or req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens else "messages"

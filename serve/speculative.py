@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.sample import filter_logits
+from train.sample import filter_logits, pad_prompts
 
 
 # --- the acceptance rule ---------------------------------------------------------------------------
@@ -193,18 +193,13 @@ def speculative_generate(target, draft, prompts: Sequence[Sequence[int]], *, k: 
     raise ValueError(f"k (draft tokens per round) must be ≥ 1, got {k}")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-  lengths = np.array([len(p) for p in prompts], np.int32)
-  if lengths.size == 0 or lengths.min() < 1:
-    raise ValueError("every prompt needs at least one token (e.g. BOS)")
-  plen = int(lengths.max())
+  padded, lengths = pad_prompts(prompts, pad_id)
+  plen = padded.shape[1]
   cache_len = plen + max_new_tokens + k  # a last round may look k tokens past max_new_tokens.
   context = min(target.cfg.max_seq_len, draft.cfg.max_seq_len)
   if cache_len > context:
     raise ValueError(f"prompt ({plen} tokens) + max_new_tokens ({max_new_tokens}) + k ({k}) exceeds the "
                      f"models' context ({context})")
-  padded = np.full((len(prompts), plen), pad_id, np.int32)
-  for i, p in enumerate(prompts):
-    padded[i, :len(p)] = p
   target_def, target_params = nnx.split(target, nnx.Param)
   draft_def, draft_params = nnx.split(draft, nnx.Param)
   out, n, stats = _speculate(

@@ -101,22 +101,34 @@ def _generate(params, prompts, lengths, key, *, graphdef, max_new_tokens, temper
   return out
 
 
-def generate_ids(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id: int = 0,
-                 max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0) -> list[list[int]]:
-  """Completes each token-id prompt; returns the new ids of each row, cut before its first EOS."""
-  from flax import nnx
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """(prompts right-padded to `width` (default: the longest) [B, width] int32, their lengths [B])."""
   lengths = np.array([len(e) for e in prompts], np.int32)
   if lengths.size == 0 or lengths.min() < 1:
     raise ValueError("every prompt needs at least one token (e.g. BOS)")
-  plen = int(lengths.max())
+  width = int(lengths.max()) if width is None else width
+  if lengths.max() > width:
+    raise ValueError(f"a prompt of {int(lengths.max())} tokens does not fit the padded width {width}")
+  padded = np.full((len(prompts), width), pad_id, np.int32)
+  for i, e in enumerate(prompts):
+    padded[i, :len(e)] = e
+  return padded, lengths
+
+
+def generate_ids(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id: int = 0,
+                 max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0, pad_to: int | None = None) -> list[list[int]]:
+  """Completes each token-id prompt; returns the new ids of each row, cut before its first EOS (so a
+  row shorter than `max_new_tokens` is one that stopped). Prompts are padded to the batch's longest, or
+  to a fixed `pad_to` so callers with changing prompt lengths (RL rollouts) compile the sampler once."""
+  from flax import nnx
+  padded, lengths = pad_prompts(prompts, pad_id, pad_to)
+  plen = padded.shape[1]
   cache_len = plen + max_new_tokens
   if cache_len > model.cfg.max_seq_len:
     raise ValueError(f"prompt ({plen} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                      f"context ({model.cfg.max_seq_len})")
-  padded = np.full((len(prompts), plen), pad_id, np.int32)
-  for i, e in enumerate(prompts):
-    padded[i, :len(e)] = e
   graphdef, params = nnx.split(model, nnx.Param)
   ids = _generate(nnx.to_pure_dict(params), jnp.asarray(padded), jnp.asarray(lengths),
                   jax.random.PRNGKey(seed), graphdef=graphdef, max_new_tokens=max_new_tokens,
