@@ -9,7 +9,10 @@ Client-side measurement in the manner of vLLM's `benchmarks/benchmark_serving.py
 requests in flight): one fixed list of requests — prompts of uniformly drawn length cut at random offsets
 of real text (Tiny Shakespeare or WikiText-2 in the shared data, tokenized by the checkpoint's tokenizer,
 BOS first) or random ids — is served by every system at each concurrency C. Decoding is greedy and every
-request gets exactly `--output_len` tokens: EOS is an ordinary token everywhere (our engine and the static
+request gets exactly its output length, `--output_len=N`, or drawn uniformly per request from
+`--output_len=LO:HI` (like vLLM's random dataset with a range ratio; chat replies vary in length, and a
+static batch runs until its longest request is done while continuous batching frees the slot at once):
+EOS is an ordinary token everywhere (our engine and the static
 decoder are given eos_id -1, which no sample can equal; `transformers` gets `eos_token_id=None`, not
 `min_new_tokens`, whose EOS mask would change the greedy tokens whenever EOS is the argmax).
 
@@ -150,7 +153,8 @@ class EngineSystem:
                    num_blocks=max_slots * -(-max_len // block_size))
     self.profile: dict = {}
 
-  def run(self, prompts: list[list[int]], output_len: int, concurrency: int) -> tuple[list[Trace], float]:
+  def run(self, prompts: list[list[int]], output_lens: list[int], concurrency: int
+          ) -> tuple[list[Trace], float]:
     from serve.api import Request, SamplingParams  # pylint: disable=g-import-not-at-top
     from serve.async_engine import AsyncEngine  # pylint: disable=g-import-not-at-top
     from serve.engine import Engine  # pylint: disable=g-import-not-at-top
@@ -158,11 +162,11 @@ class EngineSystem:
     times = _instrument(engine)
     compiles = _COMPILES.snapshot()
     driver = AsyncEngine(engine, max_queue=len(prompts), max_slots=self.kw["max_slots"])
-    params = SamplingParams(max_tokens=output_len, temperature=0.0)
     if self.http:
-      traces, wall = self._run_http(driver, prompts, output_len, concurrency)
+      traces, wall = self._run_http(driver, prompts, output_lens, concurrency)
     else:
       async def stream(i):
+        params = SamplingParams(max_tokens=output_lens[i], temperature=0.0)
         async for ev in driver.stream(Request(f"r{i}", tuple(prompts[i]), params)):
           yield [ev.token_id]
 
@@ -186,7 +190,7 @@ class EngineSystem:
                         outside_step_s=round(wall - step_s, 3), **_compiles_since(compiles))
     return traces, wall
 
-  def _run_http(self, driver, prompts, output_len, concurrency):
+  def _run_http(self, driver, prompts, output_lens, concurrency):
     import openai  # pylint: disable=g-import-not-at-top
 
     from serve.server import BackgroundServer, create_app  # pylint: disable=g-import-not-at-top
@@ -197,7 +201,7 @@ class EngineSystem:
 
         async def stream(i):
           chunks = await client.completions.create(
-              model="bench", prompt=prompts[i], max_tokens=output_len, temperature=0.0, stream=True,
+              model="bench", prompt=prompts[i], max_tokens=output_lens[i], temperature=0.0, stream=True,
               stream_options={"include_usage": True})
           seen = 0
           async for chunk in chunks:
@@ -273,9 +277,10 @@ def _prefill(state, prompts, lengths, *, graphdef, cache_len):
   return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps"))
-def _decode(state, cache, token, lengths, *, graphdef, steps):
-  """`steps` greedy one-token steps after the prefill's token (positions continue each row's prompt)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "width"))
+def _decode(state, cache, token, lengths, steps, *, graphdef, width):
+  """`steps` (≤ `width`) greedy one-token steps after the prefill's token (positions continue each row's
+  prompt). `steps` is traced, so batches of different output lengths share one program per width."""
   model = nnx.merge(graphdef, state)
 
   def body(t, carry):
@@ -284,7 +289,7 @@ def _decode(state, cache, token, lengths, *, graphdef, steps):
     token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
     return token, cache, out.at[:, t].set(token)
 
-  out = jnp.zeros((token.shape[0], steps), jnp.int32)
+  out = jnp.zeros((token.shape[0], width), jnp.int32)
   return jax.lax.fori_loop(0, steps, body, (token, cache, out))[2]
 
 
@@ -296,10 +301,12 @@ class NaiveSystem:
     self.graphdef, self.state = nnx.split(model)
     self.profile: dict = {}
 
-  def run(self, prompts: list[list[int]], output_len: int, concurrency: int) -> tuple[list[Trace], float]:
+  def run(self, prompts: list[list[int]], output_lens: list[int], concurrency: int
+          ) -> tuple[list[Trace], float]:
     traces, t_start, compiles = [], time.perf_counter(), _COMPILES.snapshot()
     for b0 in range(0, len(prompts), concurrency):
-      batch = prompts[b0:b0 + concurrency]
+      batch, lens = prompts[b0:b0 + concurrency], output_lens[b0:b0 + concurrency]
+      output_len = max(lens)  # a static batch runs until its longest request is done.
       rows = batch + [batch[0]] * (concurrency - len(batch))  # one compiled batch size.
       lengths = np.array([len(p) for p in rows], np.int32)
       width = min(1 << int(lengths.max() - 1).bit_length(), self.max_len - output_len)
@@ -307,20 +314,22 @@ class NaiveSystem:
       for r, p in enumerate(rows):
         ids[r, :len(p)] = p
       sent = time.perf_counter()
-      first, cache = _prefill(self.state, ids, lengths, graphdef=self.graphdef, cache_len=width + output_len)
+      # Cache length rounded up to 64: per-request output lengths would otherwise compile a program per batch.
+      cache_len = min(width + -(-output_len // 64) * 64, self.max_len)
+      first, cache = _prefill(self.state, ids, lengths, graphdef=self.graphdef, cache_len=cache_len)
       first = np.asarray(first)
       t_first = time.perf_counter()
       rest = np.zeros((concurrency, 0), np.int32)
       if output_len > 1:
-        rest = np.asarray(_decode(self.state, cache, first, lengths, graphdef=self.graphdef,
-                                  steps=output_len - 1))
+        rest = np.asarray(_decode(self.state, cache, first, lengths, output_len - 1, graphdef=self.graphdef,
+                                  width=1 << (output_len - 2).bit_length()))
       t_end = time.perf_counter()
       step = (t_end - t_first) / max(output_len - 1, 1)
       times = [t_first + k * step for k in range(output_len)]
-      for r in range(len(batch)):
-        traces.append(Trace(sent, list(times), [int(first[r])] + rest[r].tolist()))
+      for r, n in enumerate(lens):
+        traces.append(Trace(sent, times[:n], ([int(first[r])] + rest[r].tolist())[:n]))
     self.profile = _compiles_since(compiles)
-    return traces, traces[-1].times[-1] - t_start
+    return traces, t_end - t_start
 
 
 def write_hf(model, out: pathlib.Path) -> pathlib.Path:
@@ -350,14 +359,16 @@ class HFSystem:
     self.gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, bos_token_id=1)
     self.profile: dict = {}
 
-  def run(self, prompts: list[list[int]], output_len: int, concurrency: int) -> tuple[list[Trace], float]:
+  def run(self, prompts: list[list[int]], output_lens: list[int], concurrency: int
+          ) -> tuple[list[Trace], float]:
     import transformers  # pylint: disable=g-import-not-at-top
     torch = self.torch
     torch.set_num_threads(self.threads)  # process-wide: set per run, as several HFSystems may share it.
-    config = transformers.GenerationConfig(max_new_tokens=output_len, **self.gen)
     traces, t_start = [], time.perf_counter()
     for b0 in range(0, len(prompts), concurrency):
-      batch = prompts[b0:b0 + concurrency]
+      batch, lens = prompts[b0:b0 + concurrency], output_lens[b0:b0 + concurrency]
+      output_len = max(lens)  # one max_new_tokens per generate call: the batch's longest request.
+      config = transformers.GenerationConfig(max_new_tokens=output_len, **self.gen)
       width = max(map(len, batch))
       ids = torch.zeros((len(batch), width), dtype=torch.long)
       mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -372,9 +383,9 @@ class HFSystem:
       new = out[:, width:].tolist()
       if len(clock.times) != output_len or any(len(row) != output_len for row in new):
         raise RuntimeError(f"transformers generated {len(clock.times)} steps, expected {output_len}")
-      for row in new:
-        traces.append(Trace(sent, list(clock.times), row))
-    return traces, traces[-1].times[-1] - t_start
+      for row, n in zip(new, lens):
+        traces.append(Trace(sent, clock.times[:n], row[:n]))
+    return traces, time.perf_counter() - t_start
 
 
 class _StepClock:
@@ -417,9 +428,9 @@ def build_systems(names: Sequence[str], model, *, tokenizer, max_slots: int, max
   return out
 
 
-def parity(systems: dict, prompts: list[list[int]], output_len: int) -> dict:
+def parity(systems: dict, prompts: list[list[int]], output_lens: list[int]) -> dict:
   """Greedy tokens of every system that reports ids, on the same prompts, against the first system's."""
-  outs = {name: [t.tokens for t in s.run(prompts, output_len, len(prompts))[0]]
+  outs = {name: [t.tokens for t in s.run(prompts, output_lens, len(prompts))[0]]
           for name, s in systems.items()}
   outs = {name: o for name, o in outs.items() if all(None not in row for row in o)}
   ref_name, ref = next(iter(outs.items()))
@@ -429,16 +440,17 @@ def parity(systems: dict, prompts: list[list[int]], output_len: int) -> dict:
     first_diff[name] = [next((k for k, (a, b) in enumerate(zip(r, s)) if a != b), None)
                         for r, s in zip(ref, rows)]
   return dict(bench="serve_parity", reference=ref_name, systems=list(outs), requests=len(prompts),
-              output_len=output_len, parity=all(d is None for v in first_diff.values() for d in v),
+              output_lens=list(output_lens), parity=all(d is None for v in first_diff.values() for d in v),
               first_mismatch=first_diff)
 
 
-def run_bench(model, prompts: list[list[int]], *, output_len: int, concurrency: Sequence[int],
+def run_bench(model, prompts: list[list[int]], *, output_len: int | Sequence[int], concurrency: Sequence[int],
               systems: Sequence[str] = ("engine", "naive", "hf"), tokenizer=None, parity_requests: int = 4,
               parity_model=None, warmup: bool = True, hf_threads: Sequence[int] = (),
               setup: str = "", emit: Callable[[dict], None] = lambda row: None) -> list[dict]:
   """Benchmarks `systems` on `prompts` at each concurrency; returns (and `emit`s) the JSON rows.
 
+  `output_len`: tokens per request, one number for all or one per request.
   `parity_model`: the fp32 model for the parity check when `model` computes in another dtype.
   `hf_threads`: torch thread counts to run `hf` with (default: the available cores).
   """
@@ -447,9 +459,12 @@ def run_bench(model, prompts: list[list[int]], *, output_len: int, concurrency: 
 
   from train.loop import provenance  # pylint: disable=g-import-not-at-top
   cores = len(os.sched_getaffinity(0))
-  max_len = max(map(len, prompts)) + output_len
+  lens = [output_len] * len(prompts) if isinstance(output_len, int) else [int(n) for n in output_len]
+  if len(lens) != len(prompts):
+    raise ConfigError(f"{len(prompts)} prompts but {len(lens)} output lengths")
+  max_len = max(len(p) + n for p, n in zip(prompts, lens))
   if max_len > model.cfg.max_seq_len:
-    raise ConfigError(f"prompt ({max_len - output_len} tokens) + output_len ({output_len}) exceeds the "
+    raise ConfigError(f"a prompt + its output_len ({max_len} tokens) exceeds the "
                       f"model's context ({model.cfg.max_seq_len})")
   kw = dict(tokenizer=tokenizer, max_slots=max(concurrency), max_len=max_len,
             hf_threads=tuple(hf_threads) or (cores,))
@@ -467,7 +482,7 @@ def run_bench(model, prompts: list[list[int]], *, output_len: int, concurrency: 
   if parity_requests:
     check = built if parity_model is None else build_systems(systems, parity_model, **kw)
     check = {n: s for n, s in check.items() if not n.startswith("hf-t") or n == f"hf-t{kw['hf_threads'][0]}"}
-    out(dict(parity(check, prompts[:parity_requests], output_len), **base))
+    out(dict(parity(check, prompts[:parity_requests], lens[:parity_requests]), **base))
   for c in concurrency:
     for name, system in built.items():
       row = dict(bench="serve", **base, system=name, concurrency=c, requests=len(prompts))
@@ -478,7 +493,8 @@ def run_bench(model, prompts: list[list[int]], *, output_len: int, concurrency: 
         for _ in range(3):
           before = _COMPILES.snapshot()
           # transformers compiles nothing: one batch warms its allocator and kernels.
-          system.run(prompts[:c] if isinstance(system, HFSystem) else prompts, output_len, c)
+          hf = isinstance(system, HFSystem)
+          system.run(prompts[:c] if hf else prompts, lens[:c] if hf else lens, c)
           if _COMPILES.snapshot()[0] == before[0]:
             break
         row.update(warmup_s=round(time.perf_counter() - t0, 2),
@@ -486,12 +502,12 @@ def run_bench(model, prompts: list[list[int]], *, output_len: int, concurrency: 
       for attempt in range(3):  # a timed pass that met a new shape (and compiled it) is run again.
         row["load_avg_1m"] = round(os.getloadavg()[0], 2)
         before = _COMPILES.snapshot()
-        traces, wall = system.run(prompts, output_len, c)
+        traces, wall = system.run(prompts, lens, c)
         if not warmup or _COMPILES.snapshot()[0] == before[0]:
           break
       row["timed_passes"] = attempt + 1
-      if any(len(t.times) != output_len for t in traces):
-        raise RuntimeError(f"{name}: not every request got {output_len} tokens")
+      if [len(t.times) for t in traces] != lens:
+        raise RuntimeError(f"{name}: not every request got its output_len tokens")
       row.update(summarize(traces, wall), prompt_tokens=sum(map(len, prompts)))
       if isinstance(system, HFSystem):
         row["torch_threads"] = system.threads
@@ -540,7 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--concurrency", default="1,8,32", help="comma-separated C values (max in flight)")
   p.add_argument("--requests", type=int, default=64)
   p.add_argument("--prompt_len", default="32:256", help="LO:HI (uniform, BOS included) or one length")
-  p.add_argument("--output_len", type=int, default=64, help="tokens generated per request (EOS ignored)")
+  p.add_argument("--output_len", default="64",
+                 help="tokens generated per request (EOS ignored): N, or LO:HI drawn uniformly per request")
   p.add_argument("--prompts", default="shakespeare", choices=[*PROMPT_FILES, "random"])
   p.add_argument("--systems", default="engine,naive,hf", help=f"comma-separated, of {','.join(SYSTEMS)}")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our compute dtype")
@@ -561,9 +578,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [s for s in systems if s not in SYSTEMS]
     if bad or not systems:
       raise ConfigError(f"--systems: unknown {bad or systems}; choose from {', '.join(SYSTEMS)}")
-    for name in ("requests", "output_len"):
-      if getattr(args, name) < 1:
-        raise ConfigError(f"--{name} must be ≥ 1, got {getattr(args, name)}")
+    if args.requests < 1:
+      raise ConfigError(f"--requests must be ≥ 1, got {args.requests}")
+    out_range = _ints(args.output_len, "output_len")
+    if len(out_range) > 2 or out_range[0] > out_range[-1]:
+      raise ConfigError(f"--output_len={args.output_len!r}: expected N, or LO:HI with LO ≤ HI")
     model, tokenizer, name = _load(args, args.dtype)
     prompts = make_prompts(args.requests, tuple(lengths), source=args.prompts, tokenizer=tokenizer,
                            vocab_size=model.cfg.vocab_size, seed=args.seed)
@@ -571,7 +590,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     mean = np.mean([len(q) for q in prompts])
     setup = (f"{name} {count_params(model.cfg)['total'] / 1e6:.2f}M {args.dtype} {args.requests} req prompts "
              f"{args.prompts} {lengths[0]}-{lengths[1]} (mean {mean:.0f}) out {args.output_len}")
-    run_bench(model, prompts, output_len=args.output_len, concurrency=concurrency, systems=systems,
+    # Its own stream (seed + 1): the prompts stay those of a fixed-length run with the same seed.
+    output_lens = np.random.default_rng(args.seed + 1).integers(out_range[0], out_range[-1] + 1,
+                                                                args.requests).tolist()
+    run_bench(model, prompts, output_len=output_lens, concurrency=concurrency, systems=systems,
               tokenizer=tokenizer, parity_requests=min(args.parity_requests, args.requests),
               parity_model=None if args.dtype == "float32" else _load(args, "float32")[0],
               warmup=not args.no_warmup, setup=setup,

@@ -58,9 +58,25 @@ def test_static_and_engine_systems_give_the_reference_greedy_tokens(model, promp
   """Both JAX systems against the project's dense KV-cache sampler (eos -1: EOS never stops a row)."""
   ref = generate_ids(model, prompts, eos_id=-1, max_new_tokens=OUT, temperature=0.0)
   for system in (bench.NaiveSystem(model), bench.EngineSystem(model, max_slots=2, max_len=48)):
-    traces, wall = system.run(prompts, OUT, 2)
+    traces, wall = system.run(prompts, [OUT] * len(prompts), 2)
     assert [t.tokens for t in traces] == ref
     assert all(t.sent <= t.times[0] and t.times == sorted(t.times) for t in traces) and wall > 0
+
+
+def test_per_request_output_lengths(model, prompts):
+  """`--output_len=LO:HI`: each request gets its own count; a static batch runs to its longest (the
+  shorter rows' tokens are its prefix), continuous batching stops each at its own."""
+  require(transformers is not None, "torch/transformers not installed (pip install -e '.[test]')")
+  lens = [OUT, 2, 1, OUT - 1]
+  ref = generate_ids(model, prompts, eos_id=-1, max_new_tokens=OUT, temperature=0.0)
+  systems = [bench.NaiveSystem(model), bench.EngineSystem(model, max_slots=2, max_len=48),
+             bench.HFSystem(model, threads=1)]
+  for system in systems:
+    traces, _ = system.run(prompts, lens, 2)
+    assert [t.tokens for t in traces] == [r[:n] for r, n in zip(ref, lens)], type(system).__name__
+    assert [len(t.times) for t in traces] == lens
+  with pytest.raises(bench.ConfigError, match="4 prompts but 3 output lengths"):
+    bench.run_bench(model, prompts, output_len=lens[:3], concurrency=(2,), systems=("naive",))
 
 
 def test_run_bench_rows(model, prompts, chat_tokenizer):
@@ -104,6 +120,11 @@ def test_cli_preset_prints_json_lines(capsys):
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [(r["bench"], r["system"], r["concurrency"], r["output_tokens"]) for r in rows] == [
       ("serve", "naive", 2, 8)]
+  assert bench.main(["--preset=configs/lm.py:tiny,smoke", "--prompts=random", "--requests=3",
+                     "--concurrency=2", "--prompt_len=8", "--output_len=2:5", "--systems=naive",
+                     "--parity_requests=0", "--no_warmup"]) == 0
+  row = json.loads(capsys.readouterr().out)
+  assert 3 * 2 <= row["output_tokens"] <= 3 * 5 and "out 2:5" in row["setup"]
   assert "configs/lm.py:tiny,smoke" in rows[0]["setup"] and "random 8-16" in rows[0]["setup"]
 
 
@@ -112,6 +133,7 @@ def test_cli_preset_prints_json_lines(capsys):
     (["--preset=configs/lm.py:tiny,smoke", "--systems=engine,vllm"], "unknown ['vllm']"),
     (["--preset=configs/lm.py:tiny,smoke", "--prompt_len=50:10"], "LO:HI"),
     (["--preset=configs/lm.py:tiny,smoke", "--concurrency=0"], "must be ≥ 1"),
+    (["--preset=configs/lm.py:tiny,smoke", "--output_len=9:3"], "LO:HI with LO ≤ HI"),
     (["--preset=configs/lm.py:tiny,smoke"], "needs a tokenizer"),
     (["--preset=configs/lm.py:tiny,smoke", "--prompts=random"], "exceeds the model's context (256)"),
     (["--preset=configs/lm.py:tiny,smoke", "--prompts=random", "--prompt_len=8", "--systems=http"],
@@ -130,10 +152,10 @@ def test_parity_reports_the_first_differing_token():
     def __init__(self, rows):
       self.rows = rows
 
-    def run(self, prompts, output_len, concurrency):
-      return [bench.Trace(0.0, [1.0] * output_len, r) for r in self.rows], 1.0
+    def run(self, prompts, output_lens, concurrency):
+      return [bench.Trace(0.0, [1.0] * n, r) for r, n in zip(self.rows, output_lens)], 1.0
 
   out = bench.parity({"a": Fixed([[1, 2, 3], [4, 5, 6]]), "b": Fixed([[1, 2, 3], [4, 9, 6]])},
-                     [[1], [1]], 3)
+                     [[1], [1]], [3, 3])
   assert out["parity"] is False and out["first_mismatch"] == {"a": [None, None], "b": [None, 1]}
   assert out["reference"] == "a" and out["requests"] == 2

@@ -23,7 +23,7 @@ from model.axes import constrain, param
 from model.config import ModelConfig
 from model.layers import paged
 from model.layers.norm import Norm
-from model.layers.positions import alibi_bias, apply_rope
+from model.layers.positions import alibi_bias, alibi_slopes, apply_rope
 from model.quantize import weight
 
 AttentionFn = Callable[..., jax.Array]
@@ -144,12 +144,10 @@ class Attention(nnx.Module):
     kernel = paged.PAGED_ATTENTION.get(cfg.attention)
     if kernel is not None and cfg.positions != "alibi":
       out = kernel(q, k_pages, v_pages, tables, positions, layer=layer, sliding_window=cfg.sliding_window)
-    else:  # XLA fallback: gather the pages to a dense view; the position mask hides unwritten slots.
-      k, v, kv_positions = paged.gather(k_pages, v_pages, tables, layer)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-      mask = make_mask(positions, kv_positions, sliding_window=cfg.sliding_window)
-      bias = alibi_bias(positions, kv_positions, cfg.n_heads) if cfg.positions == "alibi" else None
-      out = get_attention(cfg.attention)(q, k, v, mask=mask, bias=bias)
+    else:  # XLA fallback: chunks of pages with an online softmax (paged.attend).
+      slopes = alibi_slopes(cfg.n_heads) if cfg.positions == "alibi" else None
+      out = paged.attend(q, k_pages, v_pages, tables, positions, layer=layer,
+                         sliding_window=cfg.sliding_window, alibi_slopes=slopes)
     return out, dict(k_pages=k_pages, v_pages=v_pages)
 
   def _out(self, out, dt):
