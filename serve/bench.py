@@ -2,7 +2,8 @@
 
     python -m serve.bench --checkpoint=runs/tiny                       # 64 requests, C = 1, 8, 32
     python -m serve.bench --checkpoint=runs/tiny --concurrency=1,8,32 --requests=64 --prompt_len=32:256 \
-        --output_len=64 --prompts=shakespeare --systems=engine,http,naive,hf
+        --output_len=16:512 --prompts=shakespeare --systems=engine,http,naive,hf   # the defaults + http
+    python -m serve.bench --checkpoint=runs/tiny --output_len=64       # every request 64 tokens
     python -m serve.bench --preset=configs/lm.py:125m --prompts=random --systems=engine,naive  # random init
 
 Client-side measurement in the manner of vLLM's `benchmarks/benchmark_serving.py` (closed loop, at most C
@@ -556,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--concurrency", default="1,8,32", help="comma-separated C values (max in flight)")
   p.add_argument("--requests", type=int, default=64)
   p.add_argument("--prompt_len", default="32:256", help="LO:HI (uniform, BOS included) or one length")
-  p.add_argument("--output_len", default="64",
+  p.add_argument("--output_len", default="16:512",
                  help="tokens generated per request (EOS ignored): N, or LO:HI drawn uniformly per request")
   p.add_argument("--prompts", default="shakespeare", choices=[*PROMPT_FILES, "random"])
   p.add_argument("--systems", default="engine,naive,hf", help=f"comma-separated, of {','.join(SYSTEMS)}")

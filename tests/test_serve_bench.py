@@ -136,7 +136,8 @@ def test_cli_preset_prints_json_lines(capsys):
     (["--preset=configs/lm.py:tiny,smoke", "--output_len=9:3"], "LO:HI with LO ≤ HI"),
     (["--preset=configs/lm.py:tiny,smoke"], "needs a tokenizer"),
     (["--preset=configs/lm.py:tiny,smoke", "--prompts=random"], "exceeds the model's context (256)"),
-    (["--preset=configs/lm.py:tiny,smoke", "--prompts=random", "--prompt_len=8", "--systems=http"],
+    (["--preset=configs/lm.py:tiny,smoke", "--prompts=random", "--prompt_len=8", "--output_len=64",
+      "--systems=http"],
      "needs a tokenizer"),
 ])
 def test_cli_bad_input_is_one_error_line(args, message, capsys):
