@@ -64,7 +64,7 @@ class ModelConfig:
   scaled_residual_init: bool = True  # output projections get std / sqrt(2 * n_layers) (GPT-2).
   scan_layers: bool = True
   remat: str = "none"
-  attention: str = "xla"  # registered name in model.layers.attention.
+  attention: str = "xla"  # xla | cudnn | pallas | auto: registered kernels in model.layers.attention.
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
   logits_dtype: str = "float32"
@@ -105,6 +105,8 @@ class ModelConfig:
     check(self.positions != "rope" or self.hd % 2 == 0, f"rope needs an even head_dim, got {self.hd}")
     check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
     check(self.sliding_window >= 0, f"sliding_window must be >= 0, got {self.sliding_window}")
+    check(not (self.attention == "pallas" and self.positions == "alibi"),
+          "attention=pallas has no additive-bias (ALiBi) path; use attention=xla, cudnn or auto with alibi")
     check(self.mup_base_width >= 0, f"mup_base_width must be >= 0 (0 = off), got {self.mup_base_width}")
     check(self.mup_output_mult > 0, f"mup_output_mult must be positive, got {self.mup_output_mult}")
     check(self.mup or self.mup_output_mult == 1.0,

@@ -1,10 +1,15 @@
 """Multi-head attention (MHA/GQA/MQA) with one kernel interface chosen by registered name.
 
-A kernel is `fn(q, k, v, *, mask, bias) -> out` with q [B, T, N, H], k/v [B, S, K, H] (N % K == 0, K/V
-never repeated in memory), boolean mask [B, 1, T, S] (True = attend) and an optional additive fp32 bias
-[B, N, T, S]. `xla` is the reference (`jax.nn.dot_product_attention`, fp32 logits and softmax). Pallas
-kernels register themselves under their own names in `model/kernels/` (a later issue) and are picked with
-`model.attention=<name>`.
+A kernel is `fn(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window,
+bias) -> out` with q [B, T, N, H], k/v [B, S, K, H] (N % K == 0, K/V never repeated in memory), int32
+positions [B, T] / [B, S], optional segment ids of the same shapes and an optional additive fp32 bias
+[B, N, T, S] (ALiBi). A kernel gets the mask's ingredients, not a [B, 1, T, S] mask, so a flash kernel never
+materializes T×S; `make_mask` below is the rule every kernel implements. Picked with `model.attention=`:
+  xla     the reference: `make_mask` + `jax.nn.dot_product_attention(implementation="xla")`, fp32 softmax;
+  cudnn   `jax.nn.dot_product_attention(implementation="cudnn")` (GPU only; bf16/fp16, head_dim <= 128);
+  pallas  the flash kernels of `model/kernels/` (Triton on GPU, Mosaic on TPU, Triton-interpret on CPU);
+          no additive bias (ALiBi is xla/cudnn only: ModelConfig rejects pallas + alibi);
+  auto    cudnn on GPU where it supports the case, else pallas; pallas on TPU; xla on CPU or with a bias.
 
 The mask is built from positions and segment ids, not from array indices, so the same code serves
 packed training rows (segment ids isolate documents, positions restart at 0) and KV-cache decoding
@@ -44,8 +49,54 @@ def get_attention(name: str) -> AttentionFn:
 
 
 @register_attention("xla")
-def xla_attention(q, k, v, *, mask, bias=None):
+def xla_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None,
+                  sliding_window: int = 0, bias=None):
+  mask = make_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window=sliding_window)
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="xla")
+
+
+def _cudnn_supports(q) -> bool:
+  # cuDNN's fused attention (9.x) takes fp16/bf16 only and head_dim <= 128 in multiples of 8.
+  return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
+
+
+@register_attention("cudnn")
+def cudnn_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None,
+                    sliding_window: int = 0, bias=None):
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"model.attention=cudnn needs a GPU, this backend is {jax.default_backend()!r}; "
+                     "use xla, pallas or auto")
+  if not _cudnn_supports(q):
+    raise ValueError(f"model.attention=cudnn: cuDNN takes bf16/fp16 with head_dim <= 128 (multiple of 8), "
+                     f"got {q.dtype} head_dim {q.shape[-1]}; use pallas or auto")
+  mask = make_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window=sliding_window)
+  # Self-attention over a training row (the same positions array on both sides): the data pipeline lays
+  # tokens out in position order within each segment, so the position mask implies the index-causal one
+  # and cuDNN may skip the upper triangle (half the FLOPs); the mask still applies segments and windows.
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=q_positions is kv_positions,
+                                      implementation="cudnn")
+
+
+@register_attention("pallas")
+def pallas_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None,
+                     sliding_window: int = 0, bias=None):
+  if bias is not None:
+    raise ValueError("model.attention=pallas takes no additive bias (ALiBi); use xla, cudnn or auto")
+  # Imported lazily: model.kernels pulls in the backend's Pallas lowering, needed only when picked.
+  from model.kernels import flash_attention
+  return flash_attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
+                         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                         sliding_window=sliding_window, causal=True)
+
+
+@register_attention("auto")
+def auto_attention(q, k, v, **kw):
+  backend = jax.default_backend()
+  if backend == "gpu" and _cudnn_supports(q):
+    return cudnn_attention(q, k, v, **kw)
+  if backend in ("gpu", "tpu") and kw.get("bias") is None:
+    return pallas_attention(q, k, v, **kw)
+  return xla_attention(q, k, v, **kw)
 
 
 def make_mask(q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None, *,
@@ -131,9 +182,10 @@ class Attention(nnx.Module):
       # Slot s holds position s; slots past the query position are unwritten and masked out.
       kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), (x.shape[0], k.shape[1]))
       q_seg = kv_seg = None
-    mask = make_mask(positions, kv_positions, q_seg, kv_seg, sliding_window=cfg.sliding_window)
     bias = alibi_bias(positions, kv_positions, cfg.n_heads) if cfg.positions == "alibi" else None
-    out = get_attention(cfg.attention)(q, k, v, mask=mask, bias=bias)
+    out = get_attention(cfg.attention)(q, k, v, q_positions=positions, kv_positions=kv_positions,
+                                       q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                       sliding_window=cfg.sliding_window, bias=bias)
     return self._out(out, dt), cache
 
   def _paged(self, q, k, v, positions, cache):
