@@ -26,7 +26,8 @@ queries against the pages a chunk at a time with an online softmax (Milakov & Gi
 only the chunks each row can see. The first fallback gathered every row's pages into a dense
 [B, M*S, K, H] view for the dense kernel: 32 rows × 384-token tables, 4 layers, fp32 was a 100 MB copy
 per decode step, and the step of runs/tiny took 44 ms against 14 ms chunked (the gathered slab of a
-chunk stays in cache; 2-core CPU under load).
+chunk stays in cache; 2-core CPU under load). `pallas` (and `auto`, on GPU/TPU) register below the Pallas
+decode kernels of `model/kernels/` (`paged_gpu.py`, `paged_tpu.py`; imported lazily when first called).
 """
 from __future__ import annotations
 
@@ -49,6 +50,22 @@ def register_paged_attention(name: str):
     PAGED_ATTENTION[name] = fn
     return fn
   return deco
+
+
+@register_paged_attention("pallas")
+def _pallas(q, k_pages, v_pages, block_tables, positions, *, layer=None, sliding_window: int = 0):
+  # Imported lazily: model.kernels pulls in the backend's Pallas lowering, needed only when picked.
+  from model.kernels import paged_attention
+  return paged_attention(q, k_pages, v_pages, block_tables, positions, layer=layer,
+                         sliding_window=sliding_window)
+
+
+@register_paged_attention("auto")
+def _auto(q, k_pages, v_pages, block_tables, positions, *, layer=None, sliding_window: int = 0):
+  # As attention=auto: the Pallas kernel on GPU/TPU where it takes the shapes, else `attend` (CPU).
+  from model.kernels import paged_attention_auto
+  return paged_attention_auto(q, k_pages, v_pages, block_tables, positions, layer=layer,
+                              sliding_window=sliding_window)
 
 
 def write(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
