@@ -247,23 +247,27 @@ def test_envelope_of_final_points():
 
 # ------------------------------------------------------------------ CLI
 
-def write_sweep(path, *, noise=0.002, nan_row=False):
+def write_sweep(path, *, noise=0.002, nan_row=False, vocab_params=0.0):
+  """A results.csv + curves.csv as `train.sweep` writes them; the law holds for N_kaplan, and N adds
+  `vocab_params` (a vocabulary table the law does not see)."""
   n, d, c, loss = isoflop_data(noise=noise, per_budget=5, budgets=(1e18, 1e19, 1e20))
   with open(path / "results.csv", "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["name", "status", "N", "N_non_embedding", "D", "C", "C_6ND", "flops_per_token",
+    w.writerow(["name", "status", "N", "N_non_embedding", "N_kaplan", "D", "C", "C_6ND", "flops_per_token",
                 "final_train_loss", "val_loss", "val_bpb", "wall_s", "overrides"])
     for i, row in enumerate(zip(n, d, c, loss)):
       val = "" if nan_row and i == 3 else row[3]
-      w.writerow([f"C{row[2]:.1e}-{i}", "done", row[0], row[0], row[1], row[2], 6 * row[0] * row[1],
+      total = row[0] + vocab_params
+      w.writerow([f"C{row[2]:.1e}-{i}", "done", total, total, row[0], row[1], row[2], 6 * total * row[1],
                   row[2] / row[1], row[3] * 1.01, val, 0, 1, "{}"])
-    w.writerow(["pending-point", "pending", 1e6, 1e6, 1e9, 6e15, 6e15, 6e6, "", "", "", "", "{}"])
+    w.writerow(["pending-point", "pending", 1e6, 1e6, 1e6, 1e9, 6e15, 6e15, 6e6, "", "", "", "", "{}"])
   with open(path / "curves.csv", "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["name", "N", "step", "tokens", "C", "loss"])
     for i, row in enumerate(zip(n, d, c, loss)):
       for step, t in enumerate(np.geomspace(row[1] / 100, row[1], 15)):
-        w.writerow([f"C{row[2]:.1e}-{i}", row[0], step, t, t * row[2] / row[1], float(law(row[0], t))])
+        w.writerow([f"C{row[2]:.1e}-{i}", row[0] + vocab_params, step, t, t * row[2] / row[1],
+                    float(law(row[0], t))])
 
 
 def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
@@ -295,6 +299,31 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+def test_cli_fits_the_chosen_n_column(tmp_path, monkeypatch, capsys):
+  """With a vocabulary table as large as the smallest model in N, the law holds only for N_kaplan: fitting
+  that column recovers it, and Approach 1 reads each run's N from the same column (not curves.csv's)."""
+  monkeypatch.setattr(scaling, "PAPER_GRID", {k: np.array(v, float) for k, v in SMALL_GRID.items()})
+  write_sweep(tmp_path, noise=0.0, vocab_params=5e7)
+  fits = {}
+  for column in ("N", "N_kaplan"):
+    out = tmp_path / column
+    rc = scaling.main(["--results", str(tmp_path / "results.csv"), "--out", str(out), "--n-boot", "0",
+                       "--n-column", column, "--predict", "1e8:2e9"])
+    assert rc == 0
+    fits[column] = json.loads((out / "fits.json").read_text())
+  assert "N = N_kaplan" in capsys.readouterr().out
+  kaplan, total = fits["N_kaplan"], fits["N"]
+  assert kaplan["inputs"]["n_column"] == "N_kaplan" and total["inputs"]["n_column"] == "N"
+  a3 = kaplan["approach3"]
+  assert a3["alpha"] == pytest.approx(TRUE["alpha"], rel=0.05) and a3["E"] == pytest.approx(TRUE["E"], rel=0.02)
+  assert kaplan["predictions"][0]["loss"] == pytest.approx(float(law(1e8, 2e9)), rel=0.002)
+  assert kaplan["approach3"]["objective"] < 0.1 * total["approach3"]["objective"]  # N + 5e7 bends the law.
+  # Envelope winners are N_kaplan values (curves.csv holds N_kaplan + 5e7): within the sampled range.
+  n_k = np.array([float(r["N_kaplan"]) for r in csv.DictReader(open(tmp_path / "results.csv"))][:-1])
+  k1 = kaplan["approach1"]["n_opt"]
+  assert n_k.min() <= k1["k"] * 1e19 ** k1["exponent"] <= n_k.max()
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "results file not found"),
     ("column", "missing column(s) val_loss"),
@@ -302,6 +331,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     ("few", "at least 5"),
     ("curves", "curves file not found"),
     ("predict", "expected N:D"),
+    ("n_column", "missing column(s) N_vocab"),
 ])
 def test_cli_bad_input(tmp_path, capsys, case, message):
   write_sweep(tmp_path, nan_row=case == "nan")
@@ -318,6 +348,8 @@ def test_cli_bad_input(tmp_path, capsys, case, message):
     args += ["--curves", str(tmp_path / "nope.csv")]
   elif case == "predict":
     args += ["--predict", "1e8"]
+  elif case == "n_column":
+    args += ["--n-column", "N_vocab"]
   with pytest.raises(SystemExit) as exc:
     scaling.main(args)
   assert exc.value.code == 2

@@ -1,8 +1,8 @@
 """Chinchilla scaling-law fits (Hoffmann et al. 2022, §3): three ways to find the compute-optimal N and D.
 
     python -m train.scaling --results runs/sweeps/isoflop_cpu/results.csv [--curves curves.csv]
-        [--out DIR] [--loss val_loss|final_train_loss] [--target-flops 1e15 ...] [--predict N:D ...]
-        [--n-boot 200] [--seed 0]
+        [--out DIR] [--loss val_loss|final_train_loss] [--n-column N|N_kaplan] [--target-flops 1e15 ...]
+        [--predict N:D ...] [--n-boot 200] [--seed 0]
 
 reads what `python -m train.sweep` writes (rows with status "done"), runs every approach the data
 supports, prints a summary and writes `fits.json` and the figures of `train.scaling_plots` beside the
@@ -499,17 +499,23 @@ def _float(row: dict, key: str, path, where: str) -> float:
     raise ConfigError(f"{path}: {where}: {key} is {row[key]!r}, not a number") from None
 
 
-def load_results(path, loss: str = "val_loss") -> dict[str, np.ndarray]:
-  """Finished rows (status "done", or every row without a status column) of a sweep's results.csv."""
+def load_results(path, loss: str = "val_loss", n_column: str = "N") -> dict[str, np.ndarray]:
+  """Finished rows (status "done", or every row without a status column) of a sweep's results.csv.
+
+  `n_column` is the parameter count fitted as N (returned under "N"): "N" (every param but position
+  tables, the tied vocabulary once: Chinchilla's count) or e.g. "N_kaplan" (no vocabulary or position
+  tables: Kaplan et al. 2020's non-embedding N, which gives cleaner laws for models whose embedding is a
+  large share of their params; Pearce & Song 2024 trace much of the Kaplan–Chinchilla gap to this choice).
+  """
   path = pathlib.Path(path)
-  rows = _read_csv(path, ("N", "D", "C", loss), "results file")
+  rows = _read_csv(path, (n_column, "D", "C", loss), "results file")
   rows = [r for r in rows if r.get("status", "done") == "done"]
   out = {k: [] for k in ("name", "N", "D", "C", "loss", "flops_per_token")}
   for i, r in enumerate(rows):
     where = f"run {r.get('name') or f'row {i + 1}'}"
-    vals = {k: _float(r, k, path, where) for k in ("N", "D", "C")}
+    vals = {k: _float(r, c, path, where) for k, c in (("N", n_column), ("D", "D"), ("C", "C"))}
     if not all(math.isfinite(v) and v > 0 for v in vals.values()):
-      raise ConfigError(f"{path}: {where}: N, D and C must be positive and finite, got {vals}")
+      raise ConfigError(f"{path}: {where}: {n_column}, D and C must be positive and finite, got {vals}")
     value = _float(r, loss, path, where) if r[loss] not in ("", None) else math.nan
     if not math.isfinite(value):
       raise ConfigError(f"{path}: {where} is done but its {loss} is {r[loss]!r} (NaN or empty); "
@@ -615,13 +621,13 @@ def run(args) -> dict:
   results = pathlib.Path(args.results)
   out = pathlib.Path(args.out) if args.out else results.parent
   predict = [_parse_predict(s) for s in args.predict]
-  data = load_results(results, args.loss)
+  data = load_results(results, args.loss, args.n_column)
   if len(data["N"]) < 5:
     raise ConfigError(f"{results}: {len(data['N'])} usable rows (status done, finite {args.loss}); "
                       "the fits need at least 5 (Approach 3 has 5 parameters)")
   n, d, c, loss = data["N"], data["D"], data["C"], data["loss"]
-  report = dict(inputs=dict(results=str(results), loss=args.loss, rows=int(len(n)), n_boot=args.n_boot,
-                            seed=args.seed), warnings=[])
+  report = dict(inputs=dict(results=str(results), loss=args.loss, n_column=args.n_column, rows=int(len(n)),
+                            n_boot=args.n_boot, seed=args.seed), warnings=[])
 
   def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
@@ -631,13 +637,16 @@ def run(args) -> dict:
   curves = None
   if curves_path.is_file() or args.curves:
     curves = load_curves(curves_path, list(data["name"]))
+    if args.n_column != "N":  # curves.csv carries the total N: each run's N from results.csv instead.
+      n_of = dict(zip(data["name"], n))
+      curves["N"] = np.array([n_of[name] for name in curves["name"]], float)
     report["inputs"]["curves"] = str(curves_path)
     if not len(curves["name"]):
       warn(f"{curves_path} has no curve of a finished run: Approach 1 uses the envelope of final points")
   else:
     warn(f"no curves file at {curves_path}: Approach 1 uses the envelope of final points")
   fits = {}
-  print(f"{results}: {len(n)} finished runs, loss = {args.loss}", flush=True)
+  print(f"{results}: {len(n)} finished runs, loss = {args.loss}, N = {args.n_column}", flush=True)
   try:
     fits["approach1"] = (fit_envelope(curves) if curves is not None and len(curves["name"])
                          else fit_envelope_final(n, d, c, loss))
@@ -702,6 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--curves", default="", help="curves.csv (default: beside --results)")
   parser.add_argument("--out", default="", help="where fits.json and the figures go (default: beside --results)")
   parser.add_argument("--loss", default="val_loss", choices=("val_loss", "final_train_loss"))
+  parser.add_argument("--n-column", default="N",
+                      help="results.csv column fitted as N: N (default, Chinchilla) or N_kaplan (no vocabulary)")
   parser.add_argument("--target-flops", type=float, nargs="*", default=[],
                       help="compute budgets for the compute-optimal N, D (default: max C ×1, ×10, ×100)")
   parser.add_argument("--predict", nargs="*", default=[], help="N:D pairs to predict the loss of (Approach 3)")

@@ -33,7 +33,7 @@ from train import flops as flops_lib
 from train.config import DEFAULT_CONFIG, model_config
 from train.design import resolve_point
 
-RESULT_COLUMNS = ("name", "status", "N", "N_non_embedding", "D", "C", "C_6ND", "flops_per_token",
+RESULT_COLUMNS = ("name", "status", "N", "N_non_embedding", "N_kaplan", "D", "C", "C_6ND", "flops_per_token",
                   "final_train_loss", "val_loss", "val_bpb", "wall_s", "overrides")
 
 
@@ -68,8 +68,12 @@ def plan(base: str, point: dict) -> dict:
   tokens = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
   fpt = flops_lib.chinchilla_flops_per_token(mc, cfg.data.seq_len)
   # N is the count that matters for the fits: every param but position tables (tied: the table once).
+  # N_kaplan drops the vocabulary too (input table, and the output head where untied): Kaplan et al.'s
+  # non-embedding N, for `python -m train.scaling --n-column N_kaplan`.
+  head = 0 if mc.tie_embeddings else mc.vocab_size * mc.d_model
   return dict(N=params["total"] - (params["embedding"] - mc.vocab_size * mc.d_model),
-              N_non_embedding=params["non_embedding"], D=tokens, C=fpt * tokens,
+              N_non_embedding=params["non_embedding"], N_kaplan=params["total"] - params["embedding"] - head,
+              D=tokens, C=fpt * tokens,
               C_6ND=flops_lib.six_nd(params["total"], tokens), flops_per_token=fpt)
 
 
@@ -115,7 +119,8 @@ def gather(out: pathlib.Path, base: str, points: list[dict]) -> list[dict]:
   for p in points:
     d = out / p["run.name"]
     if (d / "result.json").exists():
-      row = json.loads((d / "result.json").read_text())
+      # Plan columns added since the point ran (e.g. N_kaplan) come from its plan; the rest as recorded.
+      row = {**plan(base, p), **json.loads((d / "result.json").read_text())}
       rows.append(row)
       fpt = row["flops_per_token"]
       for line in (d / "metrics.jsonl").read_text().splitlines():
