@@ -28,6 +28,36 @@ def require(condition: bool, reason: str) -> None:
   pytest.skip(reason)
 
 
+def flash_mask(qp, kp, qs, ks, *, window: int, causal: bool):
+  """[B, 1, T, S] visibility under the flash kernels' rule (`model.layers.attention.make_mask`, without its
+  causal term when causal=False): a negative position or segment id is padding, seeing and seen by nothing."""
+  import jax.numpy as jnp
+
+  from model.layers.attention import make_mask
+  if causal:
+    mask = make_mask(qp, kp, qs, ks, sliding_window=window)
+  else:
+    mask = jnp.ones((qp.shape[0], 1, qp.shape[1], kp.shape[1]), bool)
+    if window:
+      mask &= (kp[:, None, :] > qp[:, :, None] - window)[:, None]
+    if qs is not None:
+      mask &= (qs[:, :, None] == ks[:, None, :])[:, None]
+  qreal = (qp >= 0) if qs is None else (qp >= 0) & (qs >= 0)
+  kreal = (kp >= 0) if ks is None else (kp >= 0) & (ks >= 0)
+  return mask & qreal[:, None, :, None] & kreal[:, None, None, :]
+
+
+def flash_reference(q, k, v, qp, kp, qs, ks, *, window: int, causal: bool):
+  """The flash kernels' reference: XLA attention in fp32 under `flash_mask`, in q's dtype; rows that see
+  no key are 0 (XLA would average all values there)."""
+  import jax
+  import jax.numpy as jnp
+  mask = flash_mask(qp, kp, qs, ks, window=window, causal=causal)
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  out = jax.nn.dot_product_attention(f32(q), f32(k), f32(v), mask=mask, implementation="xla")
+  return jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0.0).astype(q.dtype)
+
+
 def random_transformer(cfg, seed: int):
   """A random `Transformer(cfg)`: N(0, init_std) weights and unit norm scales drawn by NumPy (the
   initializers' per-shape XLA compiles take ~0.4 s each on a loaded 2-core machine; this needs none)."""

@@ -12,30 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import train_on_mesh
+from conftest import flash_reference, train_on_mesh
 
 from model.config import ModelConfig
 from model.kernels import bench, kernel_for
 from model.kernels.flash_gpu import flash_attention
-from model.layers.attention import get_attention, make_mask
+from model.layers.attention import get_attention
 
 BLOCKS = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=32)  # T/S 40..56: not block multiples.
-
-
-def reference(q, k, v, qp, kp, qs, ks, *, window, causal):
-  """XLA attention under the kernel's rule; rows that see no key (padding) are 0."""
-  if causal:
-    mask = make_mask(qp, kp, qs, ks, sliding_window=window)
-  else:
-    mask = jnp.ones((qp.shape[0], 1, qp.shape[1], kp.shape[1]), bool)
-    if window:
-      mask &= (kp[:, None, :] > qp[:, :, None] - window)[:, None]
-    if qs is not None:
-      mask &= (qs[:, :, None] == ks[:, None, :])[:, None]
-  mask &= ((qp >= 0)[:, :, None] & (kp >= 0)[:, None, :])[:, None]
-  out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                                     mask=mask, implementation="xla")
-  return jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0.0)
 
 
 def packed(b, t, splits, pad):
@@ -80,8 +64,8 @@ def test_flash_matches_xla_outputs_and_grads(name):
     return (out, *vjp(do))
 
   got = jax.jit(lambda: run(lambda q, k, v: flash_attention(q, k, v, **kw)))()
-  want = jax.jit(lambda: run(lambda q, k, v: reference(q, k, v, qp, kp, qs, ks, window=window,
-                                                        causal=causal).astype(dtype)))()
+  want = jax.jit(lambda: run(lambda q, k, v: flash_reference(q, k, v, qp, kp, qs, ks, window=window,
+                                                              causal=causal)))()
   for label, g, w in zip(("out", "dq", "dk", "dv"), got, want):
     assert g.dtype == dtype and g.shape == w.shape, label
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)

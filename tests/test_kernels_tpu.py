@@ -23,30 +23,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from model.kernels.flash_tpu import _block_ranges, _Cfg, _fold_padding, flash_attention
-from model.layers.attention import make_mask
-from tests.conftest import require
-
-
-def _mask(qp, kp, qs, ks, *, window, causal):
-  """[B, 1, T, S]: make_mask's rule (without its causal term when causal=False), padding masked out."""
-  if causal:
-    mask = make_mask(qp, kp, qs, ks, sliding_window=window)
-  else:
-    mask = jnp.ones((qp.shape[0], 1, qp.shape[1], kp.shape[1]), bool)
-    if window:
-      mask &= (kp[:, None, :] > qp[:, :, None] - window)[:, None]
-    if qs is not None:
-      mask &= (qs[:, :, None] == ks[:, None, :])[:, None]
-  qreal = (qp >= 0) if qs is None else (qp >= 0) & (qs >= 0)
-  kreal = (kp >= 0) if ks is None else (kp >= 0) & (ks >= 0)
-  return mask & qreal[:, None, :, None] & kreal[:, None, None, :]
-
-
-def _reference(q, k, v, qp, kp, qs, ks, *, window, causal):
-  """XLA attention under `_mask`; rows that see no key set to 0 (XLA averages all values there)."""
-  mask = _mask(qp, kp, qs, ks, window=window, causal=causal)
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-  return out * jnp.any(mask, axis=-1)[:, 0, :, None, None].astype(out.dtype)
+from tests.conftest import flash_mask, flash_reference, require
 
 
 def _inputs(B, T, S, N, K, H, dtype, *, segments, pad, seed=0):
@@ -86,7 +63,7 @@ def test_matches_xla_reference_with_gradients(B, T, S, N, K, H, dtype, causal, w
   kernel = lambda q, k, v: flash_attention(q, k, v, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
                                            kv_segment_ids=ks, sliding_window=window, causal=causal,
                                            block_q=32, block_k=32)
-  reference = lambda q, k, v: _reference(q, k, v, qp, kp, qs, ks, window=window, causal=causal)
+  reference = lambda q, k, v: flash_reference(q, k, v, qp, kp, qs, ks, window=window, causal=causal)
   with pltpu.force_tpu_interpret_mode():
     got, vjp = jax.vjp(kernel, q, k, v)
     grads = vjp(cot.astype(got.dtype))
@@ -114,7 +91,7 @@ def test_block_ranges_equal_brute_force(causal, window, segments):
   c = _Cfg(causal=causal, window=window, scale=1.0, block_q=bq, block_k=bk, groups=1, interpret=False)
   fq, fk = _fold_padding(qp, qs, -1), _fold_padding(kp, ks, -2)
   (qlo, qhi), (klo, khi) = _block_ranges(*fq, *fk, c)
-  pair = np.asarray(_mask(qp, kp, qs, ks, window=window, causal=causal))[:, 0]
+  pair = np.asarray(flash_mask(qp, kp, qs, ks, window=window, causal=causal))[:, 0]
   blocks = pair.reshape(B, T // bq, bq, S // bk, bk).any(axis=(2, 4))  # [B, nq, nk]
   for b in range(B):
     for i in range(T // bq):
