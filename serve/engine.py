@@ -165,9 +165,10 @@ def _buckets(lo: int, hi: int) -> list[int]:
 
 
 def _table_buckets(lo: int, hi: int) -> list[int]:
-  """Powers of two from `lo` and the midpoints 1.5× between them, up to `hi`: padding a row's pages to
-  the next power of two gathered up to 2× the K/V it needs, and the gather dominates a decode step on
-  CPU (32 rows: 47 ms at 256 tokens, 110 ms at 512)."""
+  """Powers of two from `lo` and the midpoints 1.5× between them, up to `hi`. Chosen when the XLA paged
+  read gathered the whole padded table (32 rows: 47 ms at 256 tokens, 110 ms at 512, 2-core CPU); the
+  split-K `paged.attend` scores only the chunks rows reach, so the width now mostly sets the number of
+  compiled programs and the size of the read's work list."""
   out = sorted({x for b in _buckets(lo, hi) for x in (b, b * 3 // 2) if x < hi and x >= lo})
   return out + [hi]
 
@@ -266,7 +267,7 @@ class Engine:
       self._draft_cache = draft.init_paged_cache(num_blocks + 1, block_size, dtype)
     self._batch_buckets = _buckets(1, max_slots)
     self._chunk_buckets = _buckets(min(16, prefill_chunk), prefill_chunk)
-    # Table widths of ≥ 128 tokens: narrower ones would save little gather work and cost compiles.
+    # Table widths of ≥ 128 tokens: narrower ones would save little work and cost compiles.
     self._table_buckets = _table_buckets(min(blocks_per_seq, -(-128 // block_size)), blocks_per_seq)
     self._rng = np.random.default_rng(seed)
     self._ids = itertools.count()

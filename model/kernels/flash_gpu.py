@@ -31,16 +31,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-# Finite "-inf": masked logits get it so exp2(MASK - m) = 0 with no inf - inf = NaN (as JAX's reference
-# Triton kernel does); 0.7·max leaves room to subtract a real logit without overflowing to -inf.
-MASK = -0.7 * float(np.finfo(np.float32).max)
+from model.kernels.blocks import BIG, MASK, block_visibility, first_last, pad
+
 LOG2E = math.log2(math.e)  # softmax in base 2: exp(x) = exp2(x·log2 e), exp2 is one SFU instruction.
-_BIG = 2**30  # sentinel for the min/max of an all-padding block.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,41 +239,13 @@ def _bwd_calls(q, k, v, qp, qs, kp, ks, o, lse, do, c: _Cfg):
 
 # ------------------------------------------------------------------------------------ block skipping
 
-def _block_stats(pos, seg, block):
-  """Per block of `block` tokens: (min, max) of positions and of segment ids over non-padding tokens."""
-  B, L = pos.shape
-  valid = (pos >= 0).reshape(B, L // block, block)
-  p, s = pos.reshape(valid.shape), seg.reshape(valid.shape)
-  lo = lambda x: jnp.min(jnp.where(valid, x, _BIG), axis=-1)
-  hi = lambda x: jnp.max(jnp.where(valid, x, -_BIG), axis=-1)
-  return lo(p), hi(p), lo(s), hi(s)
-
-
-def _first_last(vis):
-  """[..., n] bool → [lo, hi) covering every True (lo = hi = 0 when none)."""
-  n = vis.shape[-1]
-  any_ = vis.any(-1)
-  lo = jnp.argmax(vis, axis=-1)
-  hi = n - jnp.argmax(vis[..., ::-1], axis=-1)
-  return jnp.where(any_, lo, 0).astype(jnp.int32), jnp.where(any_, hi, 0).astype(jnp.int32)
-
-
 def _block_ranges(qp, qs, kp, ks, bq, bk, c: _Cfg):
   """Key-block range [lo, hi) per query block and query-block range per key block: a block pair is
   visited unless the rule excludes it for every pair of tokens (conservative: the in-kernel mask is exact)."""
-  qpmin, qpmax, qsmin, qsmax = _block_stats(qp, qs, bq)
-  kpmin, kpmax, ksmin, ksmax = _block_stats(kp, ks, bk)
-  e = lambda x: x[:, :, None]
-  f = lambda x: x[:, None, :]
-  vis = (e(qpmin) <= e(qpmax)) & (f(kpmin) <= f(kpmax))  # neither block is all padding.
-  vis &= (f(ksmin) <= e(qsmax)) & (f(ksmax) >= e(qsmin))  # segment ranges overlap.
-  if c.causal:
-    vis &= f(kpmin) <= e(qpmax)
-  if c.window:
-    vis &= f(kpmax) > e(qpmin) - c.window
-  lo, hi = _first_last(vis)
-  qlo, qhi = _first_last(jnp.swapaxes(vis, 1, 2))
-  return lo, hi, qlo, qhi
+  vis = block_visibility(qp, qs, kp, ks, bq, bk, causal=c.causal, window=c.window)
+  lo, last = first_last(vis)
+  qlo, qlast = first_last(jnp.swapaxes(vis, 1, 2))
+  return lo, last + 1, qlo, qlast + 1
 
 
 # ------------------------------------------------------------------------------------------ custom vjp
@@ -312,14 +281,6 @@ def _segments(pos, seg):
 
 def _pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _pad(x, axis: int, to: int, value=0):
-  if x.shape[axis] == to:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, to - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -360,13 +321,13 @@ def flash_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None, k
 
   qs, q_pad = _segments(q_positions, q_segment_ids)
   ks, k_pad = _segments(kv_positions, kv_segment_ids)
-  qs = jnp.where(q_pad, -1 - _BIG, qs)
-  ks = jnp.where(k_pad, -2 - _BIG, ks)
+  qs = jnp.where(q_pad, -1 - BIG, qs)
+  ks = jnp.where(k_pad, -2 - BIG, ks)
   qp, kp = q_positions.astype(jnp.int32), kv_positions.astype(jnp.int32)
   qp, kp = jnp.where(q_pad, -1, qp), jnp.where(k_pad, -1, kp)  # the block ranges skip position < 0.
-  qp, qs = _pad(qp, 1, Tp, -1), _pad(qs, 1, Tp, -1 - _BIG)
-  kp, ks = _pad(kp, 1, Sp, -1), _pad(ks, 1, Sp, -2 - _BIG)
-  qx = _pad(_pad(q, 1, Tp), 3, Hp)
-  kx, vx = (_pad(_pad(x, 1, Sp), 3, Hp) for x in (k, v))
+  qp, qs = pad(qp, 1, Tp, -1), pad(qs, 1, Tp, -1 - BIG)
+  kp, ks = pad(kp, 1, Sp, -1), pad(ks, 1, Sp, -2 - BIG)
+  qx = pad(pad(q, 1, Tp), 3, Hp)
+  kx, vx = (pad(pad(x, 1, Sp), 3, Hp) for x in (k, v))
   out = _flash(qx, kx, vx, qp, qs, kp, ks, c)
   return out[:, :T, :, :H]

@@ -51,14 +51,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-# Finite "-inf" (as JAX's reference kernels use): masked logits get it, so no inf - inf = NaN appears in
-# exp(m_prev - m_next); 0.7·max leaves room to subtract a real logit without overflowing.
-MASK = -0.7 * float(np.finfo(np.float32).max)
-_BIG = 2**30  # min/max sentinel of an all-padding block; real positions and segment ids are far below.
+from model.kernels.blocks import BIG, MASK, block_visibility, first_last, pad
+
 _LANES = 128  # TPU vreg lanes: a (1, b) block of a lane-major vector needs b % 128 == 0 or b whole.
 _NT = (((1,), (1,)), ((), ()))  # dot_general contracting both operands' last dim: A·Bᵀ.
 
@@ -140,7 +137,7 @@ def _fwd_kernel(lo_ref, hi_ref, qp_ref, qs_ref, kp_ref, ks_ref, q_ref, k_ref, v_
     seen = l > 0.0  # a row that saw no key (padding) gets output 0 and lse +BIG, so P = exp(s - lse) = 0.
     inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
     o_ref[...] = (acc_sc[...] * inv[:, :1]).astype(o_ref.dtype)
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), float(_BIG))
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), float(BIG))
     lse_ref[...] = lse.T[:1, :]  # [128, bq] → the lane-major row [1, bq].
 
 
@@ -294,37 +291,13 @@ def _bwd_calls(q, k, v, qp, qs, kp, ks, lse, di, do, ranges, c: _Cfg):
 
 # ------------------------------------------------------------------------------------ block skipping
 
-def _block_stats(pos, seg, block):
-  """Per block of a [B, 1, L] vector pair: min/max position and segment id over its real tokens."""
-  B, _, L = pos.shape
-  pos, seg = pos.reshape(B, L // block, block), seg.reshape(B, L // block, block)
-  real = pos >= 0  # `_fold_padding` gave padding position -1.
-  lo = lambda x: jnp.min(jnp.where(real, x, _BIG), axis=-1)
-  hi = lambda x: jnp.max(jnp.where(real, x, -_BIG), axis=-1)
-  return lo(pos), hi(pos), lo(seg), hi(seg), jnp.any(real, axis=-1)
-
-
-def _first_last(vis):
-  """First and last True along the last axis of [B, R, C] → two int32 [B·R] (0, -1 where none)."""
-  C = vis.shape[-1]
-  first = jnp.argmax(vis, axis=-1)
-  last = C - 1 - jnp.argmax(vis[..., ::-1], axis=-1)
-  some = jnp.any(vis, axis=-1)
-  first, last = jnp.where(some, first, 0), jnp.where(some, last, -1)
-  return first.reshape(-1).astype(jnp.int32), last.reshape(-1).astype(jnp.int32)
-
-
 def _block_ranges(qp, qs, kp, ks, c: _Cfg):
   """((lo, hi) key blocks per query block, (lo, hi) query blocks per key block): a block pair is kept
   unless the block min/max prove every (query, key) pair in it masked."""
-  qpl, qph, qsl, qsh, qany = (x[:, :, None] for x in _block_stats(qp, qs, c.block_q))
-  kpl, kph, ksl, ksh, kany = (x[:, None, :] for x in _block_stats(kp, ks, c.block_k))
-  vis = qany & kany & (ksl <= qsh) & (qsl <= ksh)  # [B, nq, nk]
-  if c.causal:
-    vis &= kpl <= qph  # some key at or before some query
-  if c.window:
-    vis &= kph > qpl - c.window  # some key inside some query's window
-  return _first_last(vis), _first_last(jnp.swapaxes(vis, 1, 2))
+  vis = block_visibility(qp[:, 0], qs[:, 0], kp[:, 0], ks[:, 0], c.block_q, c.block_k, causal=c.causal,
+                         window=c.window)  # [B, nq, nk] from the lane-major [B, 1, L] vectors.
+  flat = lambda ends: tuple(x.reshape(-1) for x in ends)  # noqa: E731  [B·rows]: scalar-prefetch layout.
+  return flat(first_last(vis)), flat(first_last(jnp.swapaxes(vis, 1, 2)))
 
 
 # ----------------------------------------------------------------------------------------- custom_vjp
@@ -362,14 +335,6 @@ def _fold_padding(pos, seg, pad_seg: int):
   seg = jnp.zeros_like(pos) if seg is None else seg.astype(jnp.int32)
   pad = (pos < 0) | (seg < 0)
   return jnp.where(pad, -1, pos)[:, None, :], jnp.where(pad, pad_seg, seg)[:, None, :]
-
-
-def _pad(x, axis: int, to: int, value=0):
-  if x.shape[axis] == to:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, to - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -412,10 +377,10 @@ def flash_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None, k
   c = _Cfg(causal=bool(causal), window=int(sliding_window),
            scale=float(scale if scale is not None else 1.0 / math.sqrt(H)),
            block_q=bq, block_k=bk, groups=N // K, interpret=bool(interpret))
-  qp, qs = _fold_padding(_pad(q_positions, 1, Tp, -1), None if q_segment_ids is None else
-                         _pad(q_segment_ids, 1, Tp, -1), -1)
-  kp, ks = _fold_padding(_pad(kv_positions, 1, Sp, -1), None if kv_segment_ids is None else
-                         _pad(kv_segment_ids, 1, Sp, -1), -2)
-  head_major = lambda x, L: _pad(jnp.swapaxes(x, 1, 2), 2, L)  # [B, L, heads, H] → [B, heads, Lp, H]
+  qp, qs = _fold_padding(pad(q_positions, 1, Tp, -1), None if q_segment_ids is None else
+                         pad(q_segment_ids, 1, Tp, -1), -1)
+  kp, ks = _fold_padding(pad(kv_positions, 1, Sp, -1), None if kv_segment_ids is None else
+                         pad(kv_segment_ids, 1, Sp, -1), -2)
+  head_major = lambda x, L: pad(jnp.swapaxes(x, 1, 2), 2, L)  # [B, L, heads, H] → [B, heads, Lp, H]
   o = _flash(head_major(q, Tp), head_major(k, Sp), head_major(v.astype(k.dtype), Sp), qp, qs, kp, ks, c)
   return jnp.swapaxes(o[:, :, :T], 1, 2)

@@ -12,10 +12,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-# Finite "-inf" (as JAX's reference kernels): no inf - inf = NaN in exp(m_old - m_new).
-MASK = -0.7 * float(np.finfo(np.float32).max)
+from model.kernels.blocks import MASK  # noqa: F401  (the paged kernels import it from here)
 
 
 @dataclasses.dataclass
