@@ -141,19 +141,30 @@ def _fwd_kernel(lo_ref, hi_ref, qp_ref, qs_ref, kp_ref, ks_ref, q_ref, k_ref, v_
     lse_ref[...] = lse.T[:1, :]  # [128, bq] → the lane-major row [1, bq].
 
 
+def _query_grid_maps(nq: int, groups: int):
+  """Index maps of the grid (batch b, query head n, query block i, step j) that the forward and dQ
+  kernels share: q, k/v (kv head n // G; key block lo + j of query block i's scalar-prefetched range,
+  clamped so steps past it repeat the last block and issue no copy), the lane-major position/segment
+  vectors of the query and key blocks, and per-row [B, N, 1, T] vectors (lse, D)."""
+  def kv_block(b, i, j, lo_ref, hi_ref):
+    return _clamped(lo_ref[b * nq + i], hi_ref[b * nq + i], j)
+
+  q_map = lambda b, n, i, j, lo_ref, hi_ref: (b, n, i, 0)  # noqa: E731
+  def kv_map(b, n, i, j, lo_ref, hi_ref):
+    return b, jax.lax.div(n, groups), kv_block(b, i, j, lo_ref, hi_ref), 0
+
+  qvec_map = lambda b, n, i, j, lo_ref, hi_ref: (b, 0, i)  # noqa: E731
+  kvec_map = lambda b, n, i, j, lo_ref, hi_ref: (b, 0, kv_block(b, i, j, lo_ref, hi_ref))  # noqa: E731
+  row_map = lambda b, n, i, j, lo_ref, hi_ref: (b, n, 0, i)  # noqa: E731
+  return q_map, kv_map, qvec_map, kvec_map, row_map
+
+
 def _fwd_call(q, k, v, qp, qs, kp, ks, lo, hi, c: _Cfg):
   B, N, Tp, H = q.shape
   bq, bk, G = c.block_q, c.block_k, c.groups
   nq, nk = Tp // bq, k.shape[2] // bk
 
-  def kv_block(b, i, j, lo_ref, hi_ref):
-    return _clamped(lo_ref[b * nq + i], hi_ref[b * nq + i], j)
-
-  q_map = lambda b, n, i, j, lo_ref, hi_ref: (b, n, i, 0)
-  kv_map = lambda b, n, i, j, lo_ref, hi_ref: (b, jax.lax.div(n, G), kv_block(b, i, j, lo_ref, hi_ref), 0)
-  qvec_map = lambda b, n, i, j, lo_ref, hi_ref: (b, 0, i)
-  kvec_map = lambda b, n, i, j, lo_ref, hi_ref: (b, 0, kv_block(b, i, j, lo_ref, hi_ref))
-  lse_map = lambda b, n, i, j, lo_ref, hi_ref: (b, n, 0, i)
+  q_map, kv_map, qvec_map, kvec_map, lse_map = _query_grid_maps(nq, G)
   sq = pl.squeezed
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2, grid=(B, N, nq, nk),
@@ -239,14 +250,7 @@ def _bwd_calls(q, k, v, qp, qs, kp, ks, lse, di, do, ranges, c: _Cfg):
   params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
   # dQ: the forward's grid and key-block ranges.
-  def kv_block(b, i, j, lo_ref, hi_ref):
-    return _clamped(lo_ref[b * nq + i], hi_ref[b * nq + i], j)
-
-  q_map = lambda b, n, i, j, lo_ref, hi_ref: (b, n, i, 0)
-  kv_map = lambda b, n, i, j, lo_ref, hi_ref: (b, jax.lax.div(n, G), kv_block(b, i, j, lo_ref, hi_ref), 0)
-  qvec_map = lambda b, n, i, j, lo_ref, hi_ref: (b, 0, i)
-  kvec_map = lambda b, n, i, j, lo_ref, hi_ref: (b, 0, kv_block(b, i, j, lo_ref, hi_ref))
-  row_map = lambda b, n, i, j, lo_ref, hi_ref: (b, n, 0, i)
+  q_map, kv_map, qvec_map, kvec_map, row_map = _query_grid_maps(nq, G)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, c=c, nq=nq),
       grid_spec=pltpu.PrefetchScalarGridSpec(
