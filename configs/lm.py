@@ -64,10 +64,13 @@ def base() -> ConfigDict:
       sources="",  # "": the embedded Python-stdlib corpus; else "domain=glob,domain2=glob2".
       manifest="",  # prebuilt shards (e.g. `python -m data.curate`'s <out>/shards); overrides sources.
       weights="",  # "": by token count; else "code=0.5,prose=0.5".
+      shuffle_window=1024,  # training chunks shuffled together so one long document doesn't fill
+                            # consecutive batches; 0 = off (data/pipeline.py).
       seq_len=512,
       vocab_size=4096,  # tokenizer vocab when one is trained.
       tokenizer="",  # path to an existing SentencePiece .model; "" trains one on the sources.
       tokenizer_sample_chars=20_000_000,
+      tokenizer_seed=0,  # the tokenizer's text sample; not run.seed: seed replicates share one vocabulary.
       cache_dir="",  # "": $JAXLM_CACHE or ~/.cache/jaxlm.
       val_fraction=0.01,
       num_workers=0,  # tokenization processes; 0: one per CPU.

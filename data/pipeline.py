@@ -20,6 +20,11 @@ Recipe (training):
   split       documents longer than seq_len+1 tokens become chunks of seq_len+1 taken every seq_len
               tokens (consecutive chunks share one token), so every next-token pair of the document is
               trained on exactly once and nothing is truncated away; positions restart in each chunk.
+  window      chunks are shuffled within consecutive windows of `shuffle_window` chunks (Grain's
+              WindowShuffle, checkpointable). Without it a long document's chunks fill consecutive
+              batches: a 15k-token stdlib module at seq_len 128 fed ~15 batches of 8 rows from that one
+              file in a row, and the loss of a 49k-param model after 2M tokens spread 3.38–3.75 nats
+              over three seeds (LOG.md 2026-11-24).
   pack        FirstFitPackIterDataset into rows of seq_len+1 (segment ids 1.., 0 = padding; positions).
   features    inputs = row[:-1], targets = row[1:], segment_ids/positions of row[:-1],
               loss_mask = 1 where the target continues the same segment, 0 at padding/boundaries.
@@ -51,6 +56,10 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 # First-fit packing bins: more bins -> less padding (stdlib corpus, seq_len 512, batch 8: 16 bins leave
 # 2.6% of positions as padding, 64 bins 1.7%), at the cost of restore re-packing up to that many rows.
 _MIN_PACKING_BINS = 64
+# Chunks shuffled together (`train_iterator(shuffle_window=...)`, config `data.shuffle_window`): 1,024
+# chunks hold 130k tokens at seq_len 128 (~25 average stdlib documents) and 4 MB at seq_len 1024;
+# 34 MB at 8k. Restore re-reads the current window.
+SHUFFLE_WINDOW = 1024
 
 
 # --- element transforms (classes, not lambdas, so they name themselves in Grain's stats/errors) -----
@@ -156,8 +165,10 @@ def _check_args(seq_len: int, batch_size: int, process_index: int, process_count
 
 
 def _pack(ds: grain.IterDataset, seq_len: int, batch_size: int, seed: int,
-          shuffle_bins: bool) -> grain.IterDataset:
+          shuffle_bins: bool, shuffle_window: int = 0) -> grain.IterDataset:
   ds = grain.experimental.FlatMapIterDataset(ds, _SplitLong(seq_len))
+  if shuffle_window > 1:
+    ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct={"tokens": seq_len + 1},
       num_packing_bins=max(batch_size, _MIN_PACKING_BINS), seed=seed, shuffle_bins=shuffle_bins)
@@ -167,9 +178,11 @@ def _pack(ds: grain.IterDataset, seq_len: int, batch_size: int, seed: int,
 def train_iterator(manifest_path: str | Path, *, seq_len: int, batch_size: int,
                    weights: dict[str, float] | None = None, seed: int = 0,
                    process_index: int = 0, process_count: int = 1,
-                   prefetch: int = 2) -> grain.DatasetIterator:
-  """Infinite iterator of packed training batches (see module docstring)."""
+                   prefetch: int = 2, shuffle_window: int = SHUFFLE_WINDOW) -> grain.DatasetIterator:
+  """Infinite iterator of packed training batches (see module docstring); `shuffle_window` ≤ 1: off."""
   _check_args(seq_len, batch_size, process_index, process_count)
+  if shuffle_window < 0:
+    raise DataError(f"shuffle_window must be >= 0 (0 or 1 = off), got {shuffle_window}")
   m = load_manifest(manifest_path)
   mix = mixture(m, weights)
   datasets, rates = [], []
@@ -184,7 +197,8 @@ def train_iterator(manifest_path: str | Path, *, seq_len: int, batch_size: int,
     train = m["domains"][name]["train"]
     rates.append(weight / (train["tokens"] / train["docs"]))  # documents per token of weight
   ds = grain.MapDataset.mix(datasets, weights=rates) if len(datasets) > 1 else datasets[0]
-  it = _pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len, batch_size, seed, shuffle_bins=True)
+  it = _pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len, batch_size, seed, shuffle_bins=True,
+             shuffle_window=shuffle_window)
   it = it.batch(batch_size, drop_remainder=True)
   if prefetch <= 0:
     return iter(it)

@@ -109,7 +109,7 @@ def run(cfg: ConfigDict) -> dict:
     return prepare(sources=cfg.data.sources, vocab_size=cfg.data.vocab_size,
                    tokenizer=tokenizer_path, cache_dir=cfg.data.cache_dir,
                    val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers,
-                   seed=cfg.run.seed, tokenizer_sample_chars=cfg.data.tokenizer_sample_chars)
+                   seed=cfg.data.tokenizer_seed, tokenizer_sample_chars=cfg.data.tokenizer_sample_chars)
 
   # Several hosts: process 0 builds the tokenizer and shards first; on a shared cache the others then
   # find them (no two hosts racing to write the same files), on host-local caches they rebuild them.
@@ -143,7 +143,8 @@ def run(cfg: ConfigDict) -> dict:
   shard, n_shards = distributed.batch_shard(batch_sh, batch_shape)
   data_iter = train_iterator(prepared.manifest_path, seq_len=seq_len, batch_size=global_batch // n_shards,
                              weights=weights, seed=cfg.run.seed, process_index=shard,
-                             process_count=n_shards, prefetch=cfg.data.prefetch)
+                             process_count=n_shards, prefetch=cfg.data.prefetch,
+                             shuffle_window=cfg.data.shuffle_window)
   ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
   start = ckpt.latest_step()
   if start is not None:
