@@ -299,6 +299,38 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+def test_cli_heldout_runs(tmp_path, monkeypatch, capsys):
+  """--heldout: each held-out run and each (N, D) point (seed replicates averaged) against Approach 3."""
+  monkeypatch.setattr(scaling, "PAPER_GRID", {k: np.array(v, float) for k, v in SMALL_GRID.items()})
+  write_sweep(tmp_path, noise=0.0)
+  big = (2e9, 4e10)  # 4x past the sweep's largest budget in C, as a held-out run would be.
+  truth = float(law(*big))
+  measured = {"big-s0": truth * 1.02, "big-s1": truth * 0.96, "other": float(law(1e8, 2e9)) * 1.10}
+  with open(tmp_path / "heldout.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["name", "status", "N", "D", "C", "val_loss"])
+    for name, value in measured.items():
+      n_, d_ = big if name.startswith("big") else (1e8, 2e9)
+      w.writerow([name, "done", n_, d_, 6 * n_ * d_, value])
+  out = tmp_path / "fits"
+  rc = scaling.main(["--results", str(tmp_path / "results.csv"), "--out", str(out), "--n-boot", "10",
+                     "--heldout", str(tmp_path / "heldout.csv")])
+  assert rc == 0
+  printed = capsys.readouterr().out
+  assert "held-out runs" in printed and "mean of 2 runs" in printed
+  held = json.loads((out / "fits.json").read_text())["heldout"]
+  errors = {r["name"]: r["error"] for r in held["runs"]}
+  for name, value in measured.items():  # the fit recovers the noiseless law, so error = truth/measured - 1.
+    n_, d_ = big if name.startswith("big") else (1e8, 2e9)
+    assert errors[name] == pytest.approx(float(law(n_, d_)) / value - 1, abs=2e-3)
+  point = next(p for p in held["points"] if len(p["runs"]) == 2)
+  assert point["measured"] == pytest.approx(truth * 0.99) and point["error"] == pytest.approx(1 / 0.99 - 1, abs=2e-3)
+  assert len(held["points"]) == 2
+  assert all(r["interval"][0] - 1e-6 <= r["predicted"] <= r["interval"][1] + 1e-6 for r in held["runs"])
+  assert [r["inside_interval"] for r in held["runs"]] == [False, False, False]  # noiseless: a tight interval.
+  assert (out / "parametric_fit.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_cli_fits_the_chosen_n_column(tmp_path, monkeypatch, capsys):
   """With a vocabulary table as large as the smallest model in N, the law holds only for N_kaplan: fitting
   that column recovers it, and Approach 1 reads each run's N from the same column (not curves.csv's)."""

@@ -681,14 +681,56 @@ def run(args) -> dict:
     lo, hi = f3.predict_interval(pn, pd) if len(f3.boot) else (math.nan, math.nan)
     report["predictions"].append(dict(N=pn, D=pd, loss=value, interval=(float(lo), float(hi))))
     print(f"predicted loss at N={pn:.3g}, D={pd:.3g}: {value:.4f} {_ci((lo, hi), '.4f') if len(f3.boot) else ''}")
+  heldout = None
+  if args.heldout:
+    heldout = load_results(args.heldout, args.loss, args.n_column)
+    if f3 is None:
+      warn(f"--heldout {args.heldout} needs Approach 3, which was skipped")
+      heldout = None
+    else:
+      report["heldout"] = heldout_report(f3, heldout)
+      _print_heldout(args.heldout, report["heldout"])
 
   from train import scaling_plots  # matplotlib only when plotting.
   out.mkdir(parents=True, exist_ok=True)
   report["figures"] = [str(p) for p in scaling_plots.plot_all(
-      out, n=n, d=d, c=c, loss=loss, curves=curves, fits=fits, flops_per_token=fpt)]
+      out, n=n, d=d, c=c, loss=loss, curves=curves, fits=fits, flops_per_token=fpt, heldout=heldout)]
   (out / "fits.json").write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False))
   print(f"wrote {out / 'fits.json'} and {len(report['figures'])} figures")
   return report
+
+
+def heldout_report(fit: ParametricFit, runs: Mapping) -> dict:
+  """Approach 3's prediction for held-out runs (`load_results` rows) against their measured loss.
+
+  Runs with the same N and D (seed replicates) are one point: the law predicts the expected loss, so it
+  is compared with their mean; each run is listed too. error = (predicted − measured) / measured.
+  """
+  def entry(n_, d_, measured):
+    value = float(fit.predict(n_, d_))
+    lo, hi = fit.predict_interval(n_, d_) if len(fit.boot) else (math.nan, math.nan)
+    return dict(N=float(n_), D=float(d_), measured=float(measured), predicted=value,
+                interval=(float(lo), float(hi)), error=value / float(measured) - 1,
+                inside_interval=bool(lo <= measured <= hi))
+  rows = [dict(name=str(name), C=float(c_), **entry(n_, d_, l_))
+          for name, n_, d_, c_, l_ in zip(runs["name"], runs["N"], runs["D"], runs["C"], runs["loss"])]
+  points = []
+  for key in dict.fromkeys(zip(runs["N"], runs["D"])):
+    same = [r for r in rows if (r["N"], r["D"]) == key]
+    points.append(dict(runs=[r["name"] for r in same], C=same[0]["C"],
+                       **entry(*key, np.mean([r["measured"] for r in same]))))
+  return dict(runs=rows, points=points)
+
+
+def _print_heldout(path, held: dict) -> None:
+  print(f"held-out runs ({path}), Approach 3:")
+  for r in held["runs"]:
+    print(f"  {r['name']}: measured {r['measured']:.4f}, predicted {r['predicted']:.4f} "
+          f"{_ci(r['interval'], '.4f')}, error {100 * r['error']:+.2f}%")
+  for p in held["points"]:
+    if len(p["runs"]) > 1:
+      print(f"  mean of {len(p['runs'])} runs at N={p['N']:.3g}, D={p['D']:.3g}: measured {p['measured']:.4f}, "
+            f"predicted {p['predicted']:.4f}, error {100 * p['error']:+.2f}%")
 
 
 def _jsonable(x):
@@ -716,6 +758,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--target-flops", type=float, nargs="*", default=[],
                       help="compute budgets for the compute-optimal N, D (default: max C ×1, ×10, ×100)")
   parser.add_argument("--predict", nargs="*", default=[], help="N:D pairs to predict the loss of (Approach 3)")
+  parser.add_argument("--heldout", default="",
+                      help="results.csv of held-out runs (not fitted): Approach 3's prediction vs their "
+                           "loss, in fits.json and on parametric_fit.png")
   parser.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (Approaches 2 and 3)")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)

@@ -126,16 +126,26 @@ def plot_optimal(path, fits: Mapping, *, c_range: tuple[float, float],
   return _save(fig, path)
 
 
-def plot_parametric(fit: scaling.ParametricFit, path, *, n, d, c, loss) -> pathlib.Path:
-  """Approach 3: measured against predicted loss (y = x line), and the relative error against C."""
+def plot_parametric(fit: scaling.ParametricFit, path, *, n, d, c, loss, heldout: Mapping | None = None) -> pathlib.Path:
+  """Approach 3: measured against predicted loss (y = x line), and the relative error against C; held-out
+  runs (not fitted; `load_results` rows) as red stars."""
   pred = fit.predict(n, d)
   colors = _size_colors(n, n)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), dpi=110)
   if len(fit.boot):
     lo, hi = fit.predict_interval(n, d)
-    axes[0].errorbar(loss, pred, yerr=[pred - lo, hi - pred], fmt="none", ecolor="gray", lw=0.8)
+    # Clipped at 0: on near-noiseless points the percentile interval can miss the point by ~1e-8.
+    axes[0].errorbar(loss, pred, yerr=np.maximum([pred - lo, hi - pred], 0), fmt="none", ecolor="gray", lw=0.8)
   axes[0].scatter(loss, pred, c=colors, edgecolors="k", s=30, zorder=3)
   span = [min(loss.min(), pred.min()), max(loss.max(), pred.max())]
+  if heldout is not None and len(heldout["loss"]):
+    h_pred = fit.predict(heldout["N"], heldout["D"])
+    h_rel = 100 * (h_pred - heldout["loss"]) / heldout["loss"]
+    label = f"held out (error {', '.join(f'{e:+.1f}%' for e in h_rel)})"
+    axes[0].scatter(heldout["loss"], h_pred, marker="*", c="red", edgecolors="k", s=140, zorder=4, label=label)
+    axes[1].scatter(heldout["C"], h_rel, marker="*", c="red", edgecolors="k", s=140, zorder=4, label="held out")
+    axes[1].legend(fontsize=8)
+    span = [min(span[0], heldout["loss"].min(), h_pred.min()), max(span[1], heldout["loss"].max(), h_pred.max())]
   axes[0].plot(span, span, "k--", lw=1, label="y = x")
   axes[0].set_xlabel("measured loss")
   axes[0].set_ylabel("predicted loss")
@@ -156,7 +166,8 @@ def plot_parametric(fit: scaling.ParametricFit, path, *, n, d, c, loss) -> pathl
   return _save(fig, path)
 
 
-def plot_all(out, *, n, d, c, loss, curves=None, fits: Mapping, flops_per_token=None) -> list[pathlib.Path]:
+def plot_all(out, *, n, d, c, loss, curves=None, fits: Mapping, flops_per_token=None,
+             heldout: Mapping | None = None) -> list[pathlib.Path]:
   """Every figure the fits in `fits` (keys approach1..3) support, into directory `out`."""
   out = pathlib.Path(out)
   paths = []
@@ -170,5 +181,6 @@ def plot_all(out, *, n, d, c, loss, curves=None, fits: Mapping, flops_per_token=
     paths.append(plot_optimal(out / "optimal_n_d.png", fits, c_range=(lo / 3, np.max(c) * 10),
                               flops_per_token=flops_per_token))
   if "approach3" in fits:
-    paths.append(plot_parametric(fits["approach3"], out / "parametric_fit.png", n=n, d=d, c=c, loss=loss))
+    paths.append(plot_parametric(fits["approach3"], out / "parametric_fit.png", n=n, d=d, c=c, loss=loss,
+                                 heldout=heldout))
   return paths
