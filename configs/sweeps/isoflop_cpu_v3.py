@@ -9,10 +9,8 @@ Held-out point at 4× the largest budget (the ladder size nearest Approach 3's c
 HELDOUT_DIAL, set from the fit before it runs; its own --out, so the sweep's results.csv keeps only the
 fitted points):
     python -m train.sweep --sweep=configs/sweeps/isoflop_cpu_v3.py:heldout --out=runs/sweeps/isoflop_cpu_v3_heldout
-Then, with dial 5 added at every budget (`:wide`, see WIDE_DIALS; same point names, so copy or reuse the
-finished point directories) and its own held-out point:
-    python -m train.sweep --sweep=configs/sweeps/isoflop_cpu_v3.py:wide --out=runs/sweeps/isoflop_cpu_v3_wide
-    python -m train.sweep --sweep=configs/sweeps/isoflop_cpu_v3.py:wide_heldout --out=runs/sweeps/isoflop_cpu_v3_wide_heldout
+Result: predicted 2.256, measured 1.936 / 2.245 (seeds 0 / 1), +7.9% on their mean; the validation
+split, not the law, was the problem (LOG.md 2026-11-24) — `isoflop_cpu_v4.py` is the next design.
 
 What changed from `isoflop_cpu_v2.py` (held-out prediction 5.6% high, LOG.md 2026-11-24), and why:
 - the data pipeline now shuffles chunks within 1,024-chunk windows (`data.shuffle_window`). Before, a
@@ -60,28 +58,15 @@ def _point(c: float, dial: int, lr: float, seed: int) -> dict:
                       lr=lr, batch_tokens=BATCH_TOKENS, extra=extra)
 
 
-# `:wide` — the sweep plus dial 5 at every budget (its 5e11 runs are the pilot's), after the held-out run
-# above came out 14% below its prediction (LOG.md 2026-11-24): the top budget's best size was the
-# ladder's largest (dial 4), so the fit never saw a model as large as the one it was asked about.
-# Its held-out point is new: 2e13 (5× the largest budget), the ladder size nearest the wide fit's N_opt.
-WIDE_DIALS = DIALS + (5,)
-WIDE_HELDOUT_BUDGET = 5 * BUDGETS[-1]
-WIDE_HELDOUT_DIAL = None
-
-
 def get_sweep(arg=None):
   if arg == "pilot":
     return [_point(BUDGETS[0], dial, lr, s) for dial in PILOT_DIALS for lr in PILOT_LRS for s in SEEDS]
   if not LR:
     raise ValueError("isoflop_cpu_v3: run the pilot first and fill LR")
-  if arg in ("heldout", "wide_heldout"):
-    budget, dial = ((HELDOUT_BUDGET, HELDOUT_DIAL) if arg == "heldout" else
-                    (WIDE_HELDOUT_BUDGET, WIDE_HELDOUT_DIAL))
-    if dial is None:
-      raise ValueError(f"isoflop_cpu_v3: fit the sweep first and set {arg.upper()}_DIAL")
-    return [_point(budget, dial, LR[dial], s) for s in SEEDS]
-  if arg not in (None, "", "wide"):
-    raise ValueError(f"isoflop_cpu_v3: unknown arg {arg!r} (use nothing, 'pilot', 'heldout', 'wide' or "
-                     "'wide_heldout')")
-  return [_point(c, dial, LR[dial], s) for c in BUDGETS for dial in (WIDE_DIALS if arg else DIALS)
-          for s in SEEDS]
+  if arg == "heldout":
+    if HELDOUT_DIAL is None:
+      raise ValueError("isoflop_cpu_v3: fit the sweep first and set HELDOUT_DIAL")
+    return [_point(HELDOUT_BUDGET, HELDOUT_DIAL, LR[HELDOUT_DIAL], s) for s in SEEDS]
+  if arg:
+    raise ValueError(f"isoflop_cpu_v3: unknown arg {arg!r} (use nothing, 'pilot' or 'heldout')")
+  return [_point(c, dial, LR[dial], s) for c in BUDGETS for dial in DIALS for s in SEEDS]
