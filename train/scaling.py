@@ -677,19 +677,16 @@ def run(args) -> dict:
     if f3 is None:
       warn(f"--predict {pn:g}:{pd:g} needs Approach 3, which was skipped")
       continue
-    value = float(f3.predict(pn, pd))
-    lo, hi = f3.predict_interval(pn, pd) if len(f3.boot) else (math.nan, math.nan)
-    report["predictions"].append(dict(N=pn, D=pd, loss=value, interval=(float(lo), float(hi))))
+    value, (lo, hi) = _prediction(f3, pn, pd)
+    report["predictions"].append(dict(N=pn, D=pd, loss=value, interval=(lo, hi)))
     print(f"predicted loss at N={pn:.3g}, D={pd:.3g}: {value:.4f} {_ci((lo, hi), '.4f') if len(f3.boot) else ''}")
   heldout = None
-  if args.heldout:
+  if args.heldout and f3 is None:
+    warn(f"--heldout {args.heldout} needs Approach 3, which was skipped")
+  elif args.heldout:
     heldout = load_results(args.heldout, args.loss, args.n_column)
-    if f3 is None:
-      warn(f"--heldout {args.heldout} needs Approach 3, which was skipped")
-      heldout = None
-    else:
-      report["heldout"] = heldout_report(f3, heldout)
-      _print_heldout(args.heldout, report["heldout"])
+    report["heldout"] = heldout_report(f3, heldout)
+    _print_heldout(args.heldout, report["heldout"])
 
   from train import scaling_plots  # matplotlib only when plotting.
   out.mkdir(parents=True, exist_ok=True)
@@ -700,6 +697,12 @@ def run(args) -> dict:
   return report
 
 
+def _prediction(fit: ParametricFit, n_, d_) -> tuple[float, tuple[float, float]]:
+  """Approach 3's loss at (N, D) and its bootstrap interval ((nan, nan) without bootstrap fits)."""
+  lo, hi = fit.predict_interval(n_, d_) if len(fit.boot) else (math.nan, math.nan)
+  return float(fit.predict(n_, d_)), (float(lo), float(hi))
+
+
 def heldout_report(fit: ParametricFit, runs: Mapping) -> dict:
   """Approach 3's prediction for held-out runs (`load_results` rows) against their measured loss.
 
@@ -707,11 +710,9 @@ def heldout_report(fit: ParametricFit, runs: Mapping) -> dict:
   is compared with their mean; each run is listed too. error = (predicted − measured) / measured.
   """
   def entry(n_, d_, measured):
-    value = float(fit.predict(n_, d_))
-    lo, hi = fit.predict_interval(n_, d_) if len(fit.boot) else (math.nan, math.nan)
-    return dict(N=float(n_), D=float(d_), measured=float(measured), predicted=value,
-                interval=(float(lo), float(hi)), error=value / float(measured) - 1,
-                inside_interval=bool(lo <= measured <= hi))
+    value, (lo, hi) = _prediction(fit, n_, d_)
+    return dict(N=float(n_), D=float(d_), measured=float(measured), predicted=value, interval=(lo, hi),
+                error=value / float(measured) - 1, inside_interval=bool(lo <= measured <= hi))
   rows = [dict(name=str(name), C=float(c_), **entry(n_, d_, l_))
           for name, n_, d_, c_, l_ in zip(runs["name"], runs["N"], runs["D"], runs["C"], runs["loss"])]
   points = []
